@@ -1,0 +1,49 @@
+"""Helpers shared by the benchmark scripts: the shared data location, a results table and JSON output."""
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data" / "isic-9class-180px"
+TRUTH_FILES = sorted((REPO.parent / "shared" / "data" / "groundtruth").glob("*.csv"))
+
+
+def require_shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        sys.exit(f"benchmark needs {SHARED_DATA}")
+    return SHARED_DATA
+
+
+def machine() -> dict:
+    import os
+
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
+    print("| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in rows:
+        print("| " + " | ".join(_fmt(row.get(c)).ljust(w) for c, w in zip(columns, widths)) + " |")
+
+
+def write_results(name: str, payload: dict, out: str | None) -> Path:
+    path = Path(out) if out else REPO / "benchmarks" / "results" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload | {"machine": machine()}, indent=2) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+    return "" if value is None else str(value)

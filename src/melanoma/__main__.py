@@ -1,0 +1,5 @@
+import sys
+
+from melanoma.cli import main
+
+sys.exit(main())

@@ -1,0 +1,121 @@
+"""Official ISIC ground truth: HAM10000 metadata, ISIC 2019 and ISIC 2017 label files, mapped to the nine classes.
+
+Some official classes are coarser than the folder classes, so a folder label "agrees" with a set:
+- BKL ("benign keratosis-like") covers pigmented benign keratosis and seborrheic keratosis;
+- HAM10000's ``akiec`` covers actinic keratosis and intraepithelial carcinoma (Bowen's disease, an SCC in situ),
+  which ISIC 2019 files as SCC.
+When several files know an image, the sets are intersected and the most specific file names the label (ties go to
+HAM10000, then ISIC 2019, then ISIC 2017), whatever order the files were given in.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from melanoma.data import DataError, display_name
+
+AK, BCC, DF, MEL, NV = "actinic keratosis", "basal cell carcinoma", "dermatofibroma", "melanoma", "nevus"
+PBK, SK, SCC, VASC = "pigmented benign keratosis", "seborrheic keratosis", "squamous cell carcinoma", "vascular lesion"
+_BENIGN_KERATOSES = frozenset({PBK, SK})
+_AKIEC = frozenset({AK, SCC})
+_HAM_DX = {"akiec": AK, "bcc": BCC, "bkl": PBK, "df": DF, "mel": MEL, "nv": NV, "vasc": VASC}
+_ISIC2019 = {"MEL": MEL, "NV": NV, "BCC": BCC, "AK": AK, "BKL": PBK, "DF": DF, "VASC": VASC, "SCC": SCC}
+_PRECEDENCE = {"ham10000": 0, "isic2019": 1, "isic2017": 2}
+
+
+@dataclass(frozen=True)
+class OfficialLabel:
+    label: str                      # one of the nine folder classes
+    source: str                     # the truth file's name
+    agrees_with: frozenset[str]     # folder labels that do not contradict it
+
+    def contradicts(self, folder_label: str) -> bool:
+        return folder_label not in self.agrees_with
+
+
+@dataclass
+class GroundTruth:
+    labels: dict[str, OfficialLabel] = field(default_factory=dict)
+    lesion_ids: dict[str, str] = field(default_factory=dict)
+    sources: list[str] = field(default_factory=list)
+
+    def label_for(self, image_id: str) -> OfficialLabel | None:
+        return self.labels.get(image_id)
+
+
+def official(label: str, source: str, agrees_with: frozenset[str] | None = None) -> OfficialLabel:
+    if agrees_with is None:
+        agrees_with = _BENIGN_KERATOSES if label in _BENIGN_KERATOSES else frozenset({label})
+    return OfficialLabel(label=label, source=source, agrees_with=agrees_with)
+
+
+def combine(opinions: list[OfficialLabel]) -> OfficialLabel:
+    """One label from several files' opinions (given in precedence order): intersect, most specific names it."""
+    agreed = frozenset.intersection(*(o.agrees_with for o in opinions))
+    if not agreed:  # the files contradict each other: trust the highest-precedence one
+        return opinions[0]
+    specific = min(opinions, key=lambda o: len(o.agrees_with))
+    return OfficialLabel(label=specific.label, source=specific.source, agrees_with=agreed)
+
+
+def load_ground_truth(paths: Iterable[str | os.PathLike]) -> GroundTruth:
+    """Read the given truth files (format detected from the header) into one table."""
+    parsed = []
+    for path in paths:
+        kind, rows = _read_truth_file(Path(path))
+        parsed.append((_PRECEDENCE[kind], Path(path).name, kind, rows))
+    truth = GroundTruth()
+    opinions: dict[str, list[OfficialLabel]] = {}
+    for _, name, kind, rows in sorted(parsed, key=lambda item: item[0]):
+        truth.sources.append(name)
+        for image_id, opinion, lesion_id in _parse_rows(kind, rows, name):
+            if lesion_id and image_id not in truth.lesion_ids:
+                truth.lesion_ids[image_id] = lesion_id
+            if opinion is not None:
+                opinions.setdefault(image_id, []).append(opinion)
+    truth.labels = {image_id: combine(found) for image_id, found in opinions.items()}
+    return truth
+
+
+def _read_truth_file(path: Path) -> tuple[str, list[dict]]:
+    if not path.is_file():
+        raise DataError(f"{display_name(path)}: truth file not found")
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            columns = set(reader.fieldnames or [])
+            rows = list(reader)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{display_name(path)}: not UTF-8 CSV ({exc.reason})") from exc
+    if {"lesion_id", "image_id", "dx"} <= columns:
+        return "ham10000", rows
+    if {"image", "MEL", "NV", "BKL"} <= columns:
+        return "isic2019", rows
+    if {"image_id", "melanoma", "seborrheic_keratosis"} <= columns:
+        return "isic2017", rows
+    raise DataError(f"{display_name(path)}: not a known ISIC truth file (columns: {', '.join(sorted(columns))}); "
+                    "expected HAM10000 metadata, ISIC 2019 or ISIC 2017 ground truth")
+
+
+def _parse_rows(kind: str, rows: list[dict], name: str):
+    for line, row in enumerate(rows, start=2):
+        if kind == "ham10000":
+            dx = row["dx"].strip()
+            if dx not in _HAM_DX:
+                raise DataError(f"{name}: row {line}: unknown dx '{dx}'")
+            agrees = _AKIEC if dx == "akiec" else None
+            yield row["image_id"].strip(), official(_HAM_DX[dx], name, agrees), row["lesion_id"].strip()
+        elif kind == "isic2019":
+            hot = [column for column in _ISIC2019 if float(row[column] or 0) >= 0.5]
+            yield row["image"].strip(), official(_ISIC2019[hot[0]], name) if len(hot) == 1 else None, None
+        else:
+            if float(row["melanoma"] or 0) >= 0.5:
+                label = MEL
+            elif float(row["seborrheic_keratosis"] or 0) >= 0.5:
+                label = SK
+            else:
+                label = NV
+            yield row["image_id"].strip(), official(label, name), None

@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny synthetic lesion images built in tmp, and the real shared data (skipped where absent)."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+SHARED_DATA = SHARED / "data" / "isic-9class-180px"
+TRUTH_DIR = SHARED / "data" / "groundtruth"
+TRUTH_FILES = sorted(TRUTH_DIR.glob("*.csv")) if TRUTH_DIR.is_dir() else []
+
+requires_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} is absent")
+
+
+def lesion_image(seed: int, size: int = 64) -> np.ndarray:
+    """A synthetic 'lesion': skin-coloured background with a random dark blob and texture, distinct per seed."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    image = np.empty((size, size, 3), dtype=np.float64)
+    image[...] = rng.uniform([180, 120, 100], [240, 180, 160])
+    for _ in range(3):
+        cy, cx, radius = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.08, 0.3)
+        blob = np.exp(-(((yy - cy) ** 2 + (xx - cx) ** 2) / radius ** 2))
+        image -= blob[..., None] * rng.uniform(40, 120, size=3)
+    image += rng.normal(0, 12, size=(size // 8, size // 8, 3)).repeat(8, 0).repeat(8, 1)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def save_image(path: Path, pixels: np.ndarray, fmt: str | None = None, **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, format=fmt, **kwargs)
+    return path
+
+
+def jpeg_bytes(pixels: np.ndarray, quality: int = 90) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def make_tree(tmp_path):
+    """Build ROOT/<split>/<class>/<name>.jpg from {(split, class): [(name, pixels), ...]}."""
+    def build(layout: dict[tuple[str, str], list[tuple[str, np.ndarray]]], root: Path | None = None) -> Path:
+        root = root or tmp_path / "data"
+        for (split, label), images in layout.items():
+            folder = root / split / label if split else root / label
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, pixels in images:
+                save_image(folder / name, pixels, quality=92)
+        return root
+    return build
