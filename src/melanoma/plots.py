@@ -54,3 +54,23 @@ def pairs_figure(pairs: Sequence[tuple[np.ndarray, str, np.ndarray, str]], title
             axes.axis("off")
     figure.suptitle(title)
     return figure
+
+
+def training_curves_figure(history: Sequence[dict], title: str = "") -> Figure:
+    """Accuracy and loss, train vs validation, per epoch: the seed notebooks' plot."""
+    epochs = [row["epoch"] for row in history]
+    figure = Figure(figsize=(10, 4))
+    for position, (metric, label) in enumerate((("acc", "accuracy"), ("loss", "loss"))):
+        axes = figure.add_subplot(1, 2, position + 1)
+        for split, style in (("train", "-o"), ("val", "-s")):
+            values = [row.get(f"{split}_{metric}") for row in history]
+            if any(v is not None for v in values):
+                axes.plot(epochs, [np.nan if v is None else v for v in values], style, markersize=3,
+                          label=f"{'training' if split == 'train' else 'validation'} {label}")
+        axes.set_xlabel("epoch")
+        axes.set_ylabel(label)
+        axes.grid(alpha=0.3)
+        axes.legend()
+    if title:
+        figure.suptitle(title)
+    return figure

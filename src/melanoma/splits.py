@@ -1,0 +1,115 @@
+"""Which images train, validate and test: the audit's clean-manifest actions, and seeded stratified splits that keep
+a lesion (and every copy of a picture) on one side."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from melanoma.audit import (ACTION_DROP_TRAIN_COPY, ACTION_EXCLUDE_CONFLICT, ACTION_EXCLUDE_UNREADABLE,
+                            ACTION_RELABEL)
+from melanoma.data import DataError, DatasetIndex, ImageRecord, display_name
+
+DROPPING_ACTIONS = (ACTION_DROP_TRAIN_COPY, ACTION_EXCLUDE_CONFLICT, ACTION_EXCLUDE_UNREADABLE)
+
+
+@dataclass
+class Selection:
+    """Records chosen for one purpose, with the label each trains on and the group that keeps lesions together."""
+
+    records: list[ImageRecord]
+    labels: list[str]
+    groups: list[str]
+    leaked: list[bool] = field(default_factory=list)
+    dropped: Counter = field(default_factory=Counter)
+    relabelled: int = 0
+
+
+def select_training_pool(index: DatasetIndex, manifest: Sequence[dict] | None, relabel: bool = False) -> Selection:
+    """Train-split records (all records for a flat layout) after the clean-manifest actions.
+
+    ``manifest`` None means ``--no-clean``: every record as it is, grouped only by ISIC id.
+    """
+    has_splits = any(r.split for r in index.records)
+    pool = [r for r in index.records if r.is_train] if has_splits else list(index.records)
+    if has_splits and not pool:
+        raise DataError(f"{display_name(index.root)}: no Train split found (splits: {', '.join(index.splits)})")
+    return _apply_manifest(pool, manifest, relabel)
+
+
+def select_heldout(index: DatasetIndex, split: str, manifest: Sequence[dict] | None) -> Selection:
+    """A held-out split as it is (never cleaned or relabelled), with each image's leak flag from the audit."""
+    records = index.in_split(split)
+    rows = _rows_by_path(manifest)
+    leaked = [bool(int(rows[display_name(r.rel_path)]["leaked"])) if display_name(r.rel_path) in rows else False
+              for r in records]
+    unreadable = {path for path, row in rows.items() if row["action"] == ACTION_EXCLUDE_UNREADABLE}
+    kept = [(r, leak) for r, leak in zip(records, leaked) if display_name(r.rel_path) not in unreadable]
+    return Selection(records=[r for r, _ in kept], labels=[r.label for r, _ in kept],
+                     groups=[r.image_id for r, _ in kept], leaked=[leak for _, leak in kept])
+
+
+def _rows_by_path(manifest: Sequence[dict] | None) -> dict[str, dict]:
+    return {row["path"]: row for row in manifest} if manifest else {}
+
+
+def _apply_manifest(pool: list[ImageRecord], manifest: Sequence[dict] | None, relabel: bool) -> Selection:
+    if manifest is None:
+        return Selection(records=pool, labels=[r.label for r in pool], groups=[r.image_id for r in pool])
+    rows = _rows_by_path(manifest)
+    selection = Selection(records=[], labels=[], groups=[])
+    for record in pool:
+        row = rows.get(display_name(record.rel_path))
+        if row is None:
+            raise DataError(f"{display_name(record.rel_path)}: not in the audit's clean manifest; "
+                            "re-run `melanoma audit` on this data")
+        if row["action"] in DROPPING_ACTIONS:
+            selection.dropped[row["action"]] += 1
+            continue
+        label = record.label
+        if relabel and row["action"] == ACTION_RELABEL and row["official_label"]:
+            label = row["official_label"]
+            selection.relabelled += 1
+        selection.records.append(record)
+        selection.labels.append(label)
+        selection.groups.append(row["group"] or record.image_id)
+    return selection
+
+
+def grouped_stratified_split(labels: Sequence[int], groups: Sequence[str], val_fraction: float, seed: int,
+                             class_names: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Train/validation indices, stratified by class, never splitting a group; seeded."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    labels = np.asarray(labels)
+    check_splittable(labels, groups, val_fraction, class_names)
+    folds = max(2, round(1 / val_fraction))
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    train_idx, val_idx = next(splitter.split(np.zeros(len(labels)), labels, np.asarray(groups)))
+    return np.sort(train_idx), np.sort(val_idx)
+
+
+def random_split(count: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The course notebook's split: a seeded shuffle of all files, 80/20, blind to copies and lesions."""
+    order = np.random.default_rng(seed).permutation(count)
+    cut = int(round(count * (1 - val_fraction)))
+    return np.sort(order[:cut]), np.sort(order[cut:])
+
+
+def check_splittable(labels: np.ndarray, groups: Sequence[str], val_fraction: float,
+                     class_names: Sequence[str] | None = None) -> None:
+    if not 0 < val_fraction < 1:
+        raise DataError(f"validation fraction must be between 0 and 1, got {val_fraction}")
+    groups_per_class: dict[int, set] = {}
+    for label, group in zip(labels.tolist(), groups):
+        groups_per_class.setdefault(label, set()).add(group)
+    if len(groups_per_class) < 2:
+        raise DataError("need at least 2 classes with images to train a classifier")
+    thin = {label: len(g) for label, g in groups_per_class.items() if len(g) < 2}
+    if thin:
+        names = class_names or [str(i) for i in range(max(groups_per_class) + 1)]
+        raise DataError("too few images to split: " + ", ".join(f"class {names[k]} has {v} independent image(s)"
+                                                                 for k, v in thin.items())
+                        + "; a train/validation split needs at least 2 per class")

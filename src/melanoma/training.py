@@ -1,0 +1,696 @@
+"""Training on Lightning: data preparation (clean, split, balance), the loop, checkpoints and the run folder.
+
+    melanoma train --data ../shared/data/isic-9class-180px --model seed-cnn --preset seed --epochs 20 --out runs/seed
+
+A run folder holds everything needed to trace a number back to the command that made it::
+
+    config.json        resolved config, model spec, classes, preprocessing, environment, command line
+    data.json          what was dropped / relabelled, split sizes and class counts; split.csv: every image's role
+    checkpoints/       last.ckpt (Lightning, for --resume) and best.pt (plain tensors + metadata, for everything else)
+    history.csv        per-epoch train/val loss and accuracy; curves.png plots it
+    metrics.json       validation and Test ("all" and "clean": not leaked into Train) metrics of the best checkpoint
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from melanoma.balance import Balance, balanced_sampler, class_counts, class_weights, expand, parse_balance
+from melanoma.data import DataError, DatasetIndex, build_cache, display_name, load_dataset
+from melanoma.io import atomic_write_bytes, read_json, save_figure, write_csv, write_json
+from melanoma.models import ModelError, ModelSpec, build_model, default_normalization
+from melanoma.splits import (Selection, grouped_stratified_split, random_split, select_heldout,
+                             select_training_pool)
+from melanoma.transforms import PRESETS, PresetError, to_model_input, train_transform
+
+CHECKPOINT_DIR = "checkpoints"
+BEST = "best.pt"
+LAST = "last.ckpt"
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or continue as asked; nothing already written has been touched."""
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    model: str = "seed-cnn"
+    preset: str = "seed"
+    balance: str = "none"
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 1e-3                  # Keras Adam default, as the course notebook
+    optimizer: str = "adam"           # adam | adamw
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.0
+    schedule: str = "constant"        # constant | cosine (linear warm-up, then cosine to 0)
+    warmup_epochs: float = 0.0
+    freeze_epochs: int = 0            # epochs with the backbone frozen (head warm-up)
+    backbone_lr_scale: float = 1.0    # backbone LR = lr * scale (discriminative learning rates)
+    ema_decay: float = 0.0            # 0 = off; else EMA of weights, used for validation and the saved model
+    tta: bool = False                 # 8 dihedral views at evaluation
+    weights: str | None = None        # pretrained weights: 'package', 'timm' or a state-dict path
+    image_size: int | None = None     # default: 180 for seed CNNs, 224 for timm backbones
+    val_fraction: float = 0.2
+    protocol: str = "leak-free"       # leak-free: split, then balance | leaky: expand, then split (the course bug)
+    seed: int = 42
+    clean: bool = True                # apply the audit's clean_manifest.csv actions
+    relabel: bool = False             # train on official-truth labels where the audit found a contradiction
+    audit: str | None = None          # an audit folder (or clean_manifest.csv); default: audit now, into the run
+    truth: list[str] = field(default_factory=list)
+    test_split: str = "Test"
+    early_stopping: int = 0           # patience in epochs on validation loss; 0 = off
+    num_workers: int = 0
+    threads: int | None = None
+    accelerator: str = "cpu"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str | None = None      # default: bf16-mixed where the CPU/GPU does bf16 natively, else 32-true
+    overwrite: bool = False
+    resume: bool = False
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, payload: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in payload.items() if k in known})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass
+class PreparedData:
+    classes: list[str]
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    val_images: np.ndarray
+    val_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    test_leaked: np.ndarray
+    test_names: list[str]
+    split_rows: list[dict]
+    summary: dict
+    train_sources: np.ndarray       # for expanded copies: the index in pool_names each came from; -1 for originals
+    pool_names: list[str]           # every image of the training pool (before the train/validation split)
+
+
+class ArrayDataset(Dataset):
+    """uint8 H x W x 3 images from the in-memory cache -> (uint8 3 x H x W tensor, label)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform=None):
+        self.images, self.labels, self.transform = images, np.asarray(labels, dtype=np.int64), transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        image = torch.from_numpy(self.images[index]).permute(2, 0, 1)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.labels[index])
+
+
+def load_clean_manifest(config: TrainConfig, index: DatasetIndex, run_dir: Path | None) -> list[dict]:
+    """The audit's per-image actions: read from --audit, or made now by auditing the data into the run folder.
+
+    Even with --no-clean the audit is used, to mark which Test images leaked into Train ("clean" Test scores).
+    """
+    if config.audit:
+        path = Path(config.audit)
+        path = path / "clean_manifest.csv" if path.is_dir() else path
+        if not path.is_file():
+            raise DataError(f"{display_name(path)}: no clean_manifest.csv there; run `melanoma audit` first")
+        with open(path, newline="", encoding="utf-8") as handle:
+            return list(csv.DictReader(handle))
+    from melanoma.audit import AuditConfig, run_audit, write_audit
+    from melanoma.truth import load_ground_truth
+
+    truth = load_ground_truth(config.truth) if config.truth else None
+    result = run_audit(index, truth, AuditConfig())
+    if run_dir is not None:
+        write_audit(result, index, run_dir / "audit")
+    return result.manifest
+
+
+def prepare_data(config: TrainConfig, run_dir: Path | None = None, log=print) -> PreparedData:
+    """Discover, clean, decode once, split (grouped and stratified) and balance; all seeded."""
+    index = load_dataset(config.data)
+    manifest = load_clean_manifest(config, index, run_dir)
+    pool = select_training_pool(index, manifest if config.clean else None, relabel=config.relabel)
+    classes = sorted(set(index.classes))
+    _check_labels_known(pool, classes)
+    size = resolve_image_size(config)
+    pool_cache = build_cache(pool.records, size=size)
+    keep = [i for i in range(len(pool.records)) if i not in pool_cache.errors]
+    images = pool_cache.images[keep]
+    labels = np.asarray([classes.index(pool.labels[i]) for i in keep])
+    groups = [pool.groups[i] for i in keep]
+    names = [display_name(pool.records[i].rel_path) for i in keep]
+    balance = parse_balance(config.balance)
+    if config.protocol == "leaky":
+        split = _leaky_expand_then_split(images, labels, names, balance, len(classes), config)
+    elif config.protocol == "leak-free":
+        split = _split_then_expand(images, labels, groups, names, balance, classes, config)
+    else:
+        raise RunError(f"unknown protocol '{config.protocol}' (leak-free or leaky)")
+    test = select_heldout(index, config.test_split, manifest) if config.test_split else None
+    test_part = _decode_heldout(test, classes, size)
+    prepared = PreparedData(classes=classes, **split, **test_part, pool_names=names,
+                            summary=_data_summary(index, pool, manifest, classes, split, test_part, config))
+    _log_data_summary(prepared.summary, log)
+    return prepared
+
+
+def _check_labels_known(pool: Selection, classes: list[str]) -> None:
+    unknown = sorted(set(pool.labels) - set(classes))
+    if unknown:
+        raise DataError(f"labels not among the dataset's classes: {', '.join(unknown)}")
+
+
+def resolve_image_size(config: TrainConfig) -> int:
+    from melanoma.models import SEED_MODELS
+
+    return config.image_size or (180 if config.model in SEED_MODELS else 224)
+
+
+def _split_then_expand(images, labels, groups, names, balance: Balance, classes: list[str], config: TrainConfig):
+    num_classes = len(classes)
+    train_idx, val_idx = grouped_stratified_split(labels, groups, config.val_fraction, config.seed, classes)
+    train_images, train_labels = images[train_idx], labels[train_idx]
+    sources = np.full(len(train_idx), -1, dtype=np.int64)
+    rows = [{"path": names[i], "label": int(labels[i]), "role": "train"} for i in train_idx]
+    rows += [{"path": names[i], "label": int(labels[i]), "role": "val"} for i in val_idx]
+    if balance.mode == "expand":
+        new_images, new_labels, new_sources = expand(train_images, train_labels, balance.copies, num_classes,
+                                                     config.seed)
+        train_images = np.concatenate([train_images, new_images])
+        train_labels = np.concatenate([train_labels, new_labels])
+        sources = np.concatenate([sources, train_idx[new_sources]])
+    return {"train_images": train_images, "train_labels": train_labels, "val_images": images[val_idx],
+            "val_labels": labels[val_idx], "split_rows": rows, "train_sources": sources}
+
+
+def _leaky_expand_then_split(images, labels, names, balance: Balance, num_classes: int, config: TrainConfig):
+    """The course notebook's protocol, kept to measure its leak: expand the whole pool, *then* split at random."""
+    sources = np.arange(len(labels))
+    if balance.mode == "expand":
+        new_images, new_labels, new_sources = expand(images, labels, balance.copies, num_classes, config.seed)
+        images, labels = np.concatenate([images, new_images]), np.concatenate([labels, new_labels])
+        sources = np.concatenate([sources, new_sources])
+    train_idx, val_idx = random_split(len(labels), config.val_fraction, config.seed)
+    origin = [names[s] + ("" if i < len(names) else " (expanded copy)") for i, s in enumerate(sources)]
+    rows = [{"path": origin[i], "label": int(labels[i]), "role": "train"} for i in train_idx]
+    rows += [{"path": origin[i], "label": int(labels[i]), "role": "val"} for i in val_idx]
+    train_sources = np.where(np.arange(len(labels))[train_idx] >= len(names), sources[train_idx], -1)
+    return {"train_images": images[train_idx], "train_labels": labels[train_idx], "val_images": images[val_idx],
+            "val_labels": labels[val_idx], "split_rows": rows, "train_sources": train_sources}
+
+
+def _decode_heldout(test: Selection | None, classes: list[str], size: int) -> dict:
+    empty = np.zeros((0, size, size, 3), dtype=np.uint8)
+    if test is None or not test.records:
+        return {"test_images": empty, "test_labels": np.zeros(0, dtype=np.int64),
+                "test_leaked": np.zeros(0, dtype=bool), "test_names": []}
+    unknown = sorted(set(test.labels) - set(classes))
+    if unknown:
+        raise DataError(f"held-out classes missing from training: {', '.join(unknown)}")
+    cache = build_cache(test.records, size=size)
+    keep = [i for i in range(len(test.records)) if i not in cache.errors]
+    return {"test_images": cache.images[keep],
+            "test_labels": np.asarray([classes.index(test.labels[i]) for i in keep], dtype=np.int64),
+            "test_leaked": np.asarray([test.leaked[i] for i in keep], dtype=bool),
+            "test_names": [display_name(test.records[i].rel_path) for i in keep]}
+
+
+def _data_summary(index, pool: Selection, manifest, classes, split, test_part, config) -> dict:
+    def counts(labels):
+        return dict(zip(classes, class_counts(labels, len(classes)).tolist()))
+
+    return {"data": display_name(index.root), "cleaned": config.clean, "dropped": dict(pool.dropped),
+            "relabelled": pool.relabelled, "protocol": config.protocol, "balance": config.balance,
+            "train": len(split["train_labels"]), "expanded_copies": int((split["train_sources"] >= 0).sum()),
+            "val": len(split["val_labels"]), "test": len(test_part["test_labels"]),
+            "test_clean": int((~test_part["test_leaked"]).sum()),
+            "train_counts": counts(split["train_labels"]), "val_counts": counts(split["val_labels"]),
+            "test_counts": counts(test_part["test_labels"])}
+
+
+def _log_data_summary(summary: dict, log) -> None:
+    if summary["cleaned"]:
+        dropped = ", ".join(f"{v} {k}" for k, v in summary["dropped"].items()) or "nothing"
+        log(f"clean manifest: dropped {dropped}; relabelled {summary['relabelled']}")
+    else:
+        log("--no-clean: training on the folders as they are")
+    log(f"train {summary['train']} (of which {summary['expanded_copies']} expanded copies), val {summary['val']}, "
+        f"test {summary['test']} ({summary['test_clean']} not leaked into Train)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The Lightning module
+
+
+def _lightning():
+    import lightning.pytorch as pl
+
+    return pl
+
+
+def build_lightning_module(model: nn.Module, config: TrainConfig, loss_weights: torch.Tensor | None,
+                           steps_per_epoch: int):
+    pl = _lightning()
+
+    class LesionClassifier(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+            self.criterion = nn.CrossEntropyLoss(weight=loss_weights, label_smoothing=config.label_smoothing)
+            self._val_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def forward(self, pixels):
+            return self.model(pixels)
+
+        def training_step(self, batch, _):
+            images, labels = batch
+            logits = self.model(to_model_input(images))
+            loss = self.criterion(logits, labels)
+            self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels))
+            self.log("train_acc", (logits.argmax(1) == labels).float().mean(), on_step=False, on_epoch=True,
+                     prog_bar=True, batch_size=len(labels))
+            return loss
+
+        def validation_step(self, batch, _):
+            images, labels = batch
+            logits = self.model(to_model_input(images))
+            # Unweighted loss on validation: comparable across balancing modes.
+            loss = nn.functional.cross_entropy(logits, labels)
+            self.log("val_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels),
+                     sync_dist=True)
+            self.log("val_acc", (logits.argmax(1) == labels).float().mean(), on_step=False, on_epoch=True,
+                     prog_bar=True, batch_size=len(labels), sync_dist=True)
+
+        def configure_optimizers(self):
+            backbone, head = self.model.backbone_and_head()
+            groups = [{"params": backbone, "lr": config.lr * config.backbone_lr_scale},
+                      {"params": head, "lr": config.lr}]
+            if config.optimizer == "adamw":
+                optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+            elif config.optimizer == "adam":
+                optimizer = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
+            else:
+                raise RunError(f"unknown optimizer '{config.optimizer}' (adam or adamw)")
+            schedule = lr_schedule(config, steps_per_epoch)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    return LesionClassifier()
+
+
+def lr_schedule(config: TrainConfig, steps_per_epoch: int):
+    """Multiplier of the base LR at each step: linear warm-up, then constant or cosine decay to zero."""
+    total = max(1, config.epochs * steps_per_epoch)
+    warmup = int(config.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if config.schedule == "cosine":
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    if config.schedule not in ("constant", "cosine"):
+        raise RunError(f"unknown schedule '{config.schedule}' (constant or cosine)")
+    return factor
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Callbacks: freezing, history, checkpoints
+
+
+def _callbacks(config: TrainConfig, run_dir: Path, spec: ModelSpec, classes: list[str], history: list[dict],
+               generators: Sequence[torch.Generator] = ()):
+    pl = _lightning()
+
+    class FreezeBackbone(pl.Callback):
+        """Head warm-up: the backbone is frozen (no gradients, BatchNorm statistics fixed) for the first epochs."""
+
+        def on_train_epoch_start(self, trainer, module):
+            frozen = trainer.current_epoch < config.freeze_epochs
+            backbone, _ = module.model.backbone_and_head()
+            for parameter in backbone:
+                parameter.requires_grad_(not frozen)
+            if frozen:
+                for layer in module.model.network.modules():
+                    if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+                        layer.eval()
+
+    class RunRecorder(pl.Callback):
+        """history.csv each epoch, last.ckpt (for --resume) and best.pt (lowest validation loss), all atomic."""
+
+        def __init__(self):
+            self.best_loss = math.inf
+            self.epoch_start = time.perf_counter()
+
+        def on_train_epoch_start(self, trainer, module):
+            self.epoch_start = time.perf_counter()
+
+        def on_validation_epoch_end(self, trainer, module):
+            if trainer.sanity_checking:
+                return
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+            if "val_loss" not in metrics:
+                return
+            if trainer.is_global_zero and metrics["val_loss"] < self.best_loss:
+                self.best_loss = metrics["val_loss"]
+                save_best(run_dir, module.model, spec, classes, config, trainer.current_epoch, metrics)
+
+        def on_train_epoch_end(self, trainer, module):
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+            row = {"epoch": trainer.current_epoch + 1, **{k: metrics.get(k) for k in HISTORY_METRICS},
+                   "lr": trainer.optimizers[0].param_groups[-1]["lr"],
+                   "seconds": round(time.perf_counter() - self.epoch_start, 2)}
+            history.append(row)
+            if trainer.is_global_zero:
+                write_csv(run_dir / "history.csv", history, HISTORY_COLUMNS)
+            save_last(trainer, run_dir)
+
+        def state_dict(self):
+            # RNG states make a resumed run draw the same augmentations and batches as an uninterrupted one.
+            return {"best_loss": self.best_loss, "torch_rng": torch.get_rng_state(),
+                    "generators": [g.get_state() for g in generators]}
+
+        def load_state_dict(self, state):
+            self.best_loss = state["best_loss"]
+            torch.set_rng_state(state["torch_rng"])
+            for generator, saved in zip(generators, state.get("generators", [])):
+                generator.set_state(saved)
+
+    callbacks = [FreezeBackbone(), RunRecorder()]
+    if config.early_stopping:
+        callbacks.append(pl.callbacks.EarlyStopping(monitor="val_loss", patience=config.early_stopping))
+    if config.ema_decay:
+        callbacks.append(pl.callbacks.EMAWeightAveraging(decay=config.ema_decay))
+    return callbacks
+
+
+HISTORY_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")
+HISTORY_COLUMNS = ("epoch", *HISTORY_METRICS, "lr", "seconds")
+
+
+def save_last(trainer, run_dir: Path) -> None:
+    """Lightning checkpoint for --resume, written to a temporary file and renamed (a kill never leaves half a file)."""
+    final = run_dir / CHECKPOINT_DIR / LAST
+    temporary = final.with_suffix(".ckpt.tmp")
+    trainer.save_checkpoint(temporary, weights_only=False)
+    if trainer.is_global_zero:
+        os.replace(temporary, final)
+
+
+def save_best(run_dir: Path, model: nn.Module, spec: ModelSpec, classes: list[str], config: TrainConfig,
+              epoch: int, metrics: dict) -> None:
+    payload = {"format": "melanoma-checkpoint-v1", "model_state": {k: v.detach().cpu().clone()
+                                                                   for k, v in model.state_dict().items()},
+               "spec": spec.to_dict(), "classes": list(classes), "epoch": int(epoch) + 1,
+               "val_metrics": metrics, "config": asdict(config)}
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(run_dir / CHECKPOINT_DIR / BEST, buffer.getvalue())
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """A best.pt checkpoint, loaded without unpickling arbitrary objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"{display_name(path)}: checkpoint not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, pickle error, not a torch file: all mean the same to the user
+        raise RunError(f"{display_name(path)}: not a readable checkpoint (corrupt or truncated?): {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != "melanoma-checkpoint-v1":
+        raise RunError(f"{display_name(path)}: not a melanoma checkpoint")
+    return payload
+
+
+def model_from_checkpoint(payload: dict) -> tuple[nn.Module, ModelSpec]:
+    spec = ModelSpec.from_dict(payload["spec"])
+    model = build_model(spec)
+    try:
+        model.load_state_dict(payload["model_state"])
+    except RuntimeError as exc:
+        raise RunError(f"checkpoint weights do not fit model '{spec.name}': {str(exc)[:300]}") from exc
+    return model.eval(), spec
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 instructions (AVX512-BF16 or AMX), where bf16 autocast trains ~3x faster."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_precision(config: TrainConfig) -> str:
+    if config.precision:
+        return config.precision
+    if config.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
+
+
+def environment() -> dict:
+    import lightning
+    import timm
+    import torchvision
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "timm": timm.__version__, "lightning": lightning.__version__, "numpy": np.__version__,
+            "platform": platform.platform(), "cpus": os.cpu_count()}
+
+
+def prepare_run_dir(config: TrainConfig) -> Path:
+    run_dir = Path(config.out)
+    if config.resume:
+        if not (run_dir / "config.json").is_file():
+            raise RunError(f"{display_name(run_dir)}: nothing to resume (no config.json)")
+        return run_dir
+    if run_dir.exists() and any(run_dir.iterdir()) and not config.overwrite:
+        raise RunError(f"{display_name(run_dir)} already exists; pass --overwrite to replace it or --resume to "
+                       "continue it")
+    return run_dir
+
+
+def validate_config(config: TrainConfig) -> None:
+    """Every flag checked before any data is read or anything written."""
+    parse_balance(config.balance)
+    if config.preset not in PRESETS:
+        raise PresetError(f"unknown augmentation preset '{config.preset}' (choose from: {', '.join(PRESETS)})")
+    if config.epochs < 1 or config.batch_size < 1:
+        raise RunError("--epochs and --batch-size must be at least 1")
+    if config.protocol not in ("leak-free", "leaky"):
+        raise RunError(f"unknown protocol '{config.protocol}' (leak-free or leaky)")
+    build_spec(config, num_classes=2)  # unknown model names fail here
+
+
+def build_spec(config: TrainConfig, num_classes: int) -> ModelSpec:
+    mean, std = default_normalization(config.model)
+    spec = ModelSpec(name=config.model, num_classes=num_classes, image_size=resolve_image_size(config),
+                     mean=tuple(mean), std=tuple(std))
+    if not spec.is_seed:
+        import timm
+
+        if not timm.is_model(spec.name):
+            build_model(spec)  # raises ModelError with suggestions
+    return spec
+
+
+def resumed_config(config: TrainConfig) -> TrainConfig:
+    """On --resume the run's own config wins; only the epoch budget and runtime knobs may change."""
+    saved = TrainConfig.from_dict(read_json(Path(config.out) / "config.json")["config"])
+    if config.model != saved.model and config.model != TrainConfig.model:
+        raise RunError(f"{display_name(config.out)} was trained with model '{saved.model}', not '{config.model}'")
+    for name in ("epochs", "num_workers", "threads", "accelerator", "devices", "num_nodes", "strategy", "progress"):
+        setattr(saved, name, getattr(config, name))
+    saved.resume = True
+    return saved
+
+
+def train(config: TrainConfig, log=print) -> Path:
+    """Train one model and write its run folder; returns the folder."""
+    if config.resume:
+        config = resumed_config(config)
+    config.precision = resolve_precision(config)
+    validate_config(config)
+    run_dir = prepare_run_dir(config)
+    last = run_dir / CHECKPOINT_DIR / LAST
+    if config.resume:
+        _check_resumable(last)
+    pl = _lightning()
+    pl.seed_everything(config.seed, workers=True, verbose=False)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    staging = run_dir if config.resume else _staging_dir(run_dir)
+    data = prepare_data(config, staging, log=log)
+    spec = build_spec(config, num_classes=len(data.classes))
+    model = build_model(spec)
+    from melanoma.weights import load_pretrained
+
+    if config.weights:
+        load_pretrained(model, config.weights, log=log)
+    model = model.to(memory_format=torch.channels_last)
+    if not config.resume:
+        _write_run_header(staging, config, spec, data)
+        staging = _promote_staging(staging, run_dir, config.overwrite)
+    history = _read_history(run_dir) if config.resume else []
+    trainer, module, loaders = _build_trainer(config, model, data, run_dir, spec, history)
+    trainer.fit(module, *loaders, ckpt_path=str(last) if config.resume else None,
+                weights_only=True if config.resume else None)
+    if trainer.is_global_zero:
+        finish_run(run_dir, data, config, history, log)
+    return run_dir
+
+
+def _check_resumable(last: Path) -> None:
+    if not last.is_file():
+        raise RunError(f"{display_name(last)}: no checkpoint to resume from")
+    try:
+        torch.load(last, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise RunError(f"{display_name(last)}: checkpoint is corrupt or truncated ({exc}); nothing was changed. "
+                       "Start again with --overwrite") from exc
+
+
+def _staging_dir(run_dir: Path) -> Path:
+    """A new run is assembled beside its final place, so a failed start never touches an existing folder."""
+    staging = run_dir.with_name(f".{run_dir.name}.starting")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def _promote_staging(staging: Path, run_dir: Path, overwrite: bool) -> Path:
+    if run_dir.exists():
+        if not overwrite and any(run_dir.iterdir()):
+            raise RunError(f"{display_name(run_dir)} appeared while starting; not overwriting it")
+        shutil.rmtree(run_dir)
+    os.replace(staging, run_dir)
+    return run_dir
+
+
+def _write_run_header(run_dir: Path, config: TrainConfig, spec: ModelSpec, data: PreparedData) -> None:
+    write_json(run_dir / "config.json", {
+        "config": asdict(config), "model": spec.to_dict(), "classes": data.classes,
+        "preprocessing": {"image_size": spec.image_size, "input": "RGB uint8 resized (bicubic/antialiased) to "
+                          f"{spec.image_size}x{spec.image_size}, as float pixels in [0, 255]",
+                          "normalization_inside_model": {"mean": spec.mean, "std": spec.std}},
+        "environment": environment(), "command": " ".join(sys.argv)})
+    write_json(run_dir / "data.json", data.summary)
+    write_csv(run_dir / "split.csv", data.split_rows, ["path", "label", "role"])
+    (run_dir / CHECKPOINT_DIR).mkdir(exist_ok=True)
+
+
+def _read_history(run_dir: Path) -> list[dict]:
+    path = run_dir / "history.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()}
+                for row in csv.DictReader(handle)]
+    for row in rows:
+        row["epoch"] = int(row["epoch"])
+    return rows
+
+
+def _build_trainer(config: TrainConfig, model, data: PreparedData, run_dir: Path, spec: ModelSpec, history):
+    pl = _lightning()
+    transform = train_transform(config.preset, spec.image_size)
+    balance = parse_balance(config.balance)
+    train_set = ArrayDataset(data.train_images, data.train_labels, transform)
+    sampler = balanced_sampler(data.train_labels, len(data.classes), config.seed) if balance.mode == "sampler" else None
+    generator = torch.Generator().manual_seed(config.seed)
+    generators = [generator] + ([sampler.generator] if sampler is not None else [])
+    train_loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler,
+                              num_workers=config.num_workers, generator=generator, drop_last=False,
+                              persistent_workers=config.num_workers > 0)
+    val_loader = DataLoader(ArrayDataset(data.val_images, data.val_labels), batch_size=config.batch_size * 2,
+                            num_workers=0)
+    weights = class_weights(data.train_labels, len(data.classes)) if balance.mode == "weights" else None
+    module = build_lightning_module(model, config, weights, steps_per_epoch=len(train_loader))
+    trainer = pl.Trainer(
+        max_epochs=config.epochs, accelerator=config.accelerator, devices=config.devices,
+        num_nodes=config.num_nodes, strategy=config.strategy, precision=config.precision,
+        deterministic=True, logger=False, enable_checkpointing=False, enable_model_summary=False,
+        enable_progress_bar=config.progress, num_sanity_val_steps=0, default_root_dir=str(run_dir),
+        callbacks=_callbacks(config, run_dir, spec, data.classes, history, generators))
+    return trainer, module, (train_loader, val_loader)
+
+
+def finish_run(run_dir: Path, data: PreparedData, config: TrainConfig, history: list[dict], log=print) -> dict:
+    """Score the best checkpoint on validation and Test (all / clean), write metrics.json and curves.png."""
+    from melanoma.evaluation import compute_metrics, predict_probabilities
+    from melanoma.plots import training_curves_figure
+
+    payload = load_checkpoint(run_dir / CHECKPOINT_DIR / BEST)
+    model, spec = model_from_checkpoint(payload)
+    val_probs = predict_probabilities(model, data.val_images, spec.image_size, tta=config.tta)
+    metrics = {"best_epoch": payload["epoch"], "epochs_run": len(history), "tta": config.tta,
+               "final_epoch": history[-1] if history else {},
+               "validation": compute_metrics(data.val_labels, val_probs, data.classes)}
+    if len(data.test_labels):
+        test_probs = predict_probabilities(model, data.test_images, spec.image_size, tta=config.tta)
+        clean = ~data.test_leaked
+        metrics["test"] = {"all": compute_metrics(data.test_labels, test_probs, data.classes),
+                           "clean": compute_metrics(data.test_labels[clean], test_probs[clean], data.classes)}
+        write_csv(run_dir / "test_predictions.csv", _prediction_rows(data, test_probs),
+                  ["image", "label", "predicted", "leaked", *data.classes])
+    write_json(run_dir / "metrics.json", metrics)
+    if history:
+        save_figure(training_curves_figure(history, title=f"{config.model} ({config.protocol}, {config.balance})"),
+                    run_dir / "curves.png")
+    _log_metrics(metrics, log)
+    return metrics
+
+
+def _prediction_rows(data: PreparedData, probs: np.ndarray) -> list[dict]:
+    rows = []
+    for name, label, leaked, row in zip(data.test_names, data.test_labels, data.test_leaked, probs):
+        rows.append({"image": name, "label": data.classes[label], "predicted": data.classes[int(row.argmax())],
+                     "leaked": int(leaked), **{c: f"{p:.6f}" for c, p in zip(data.classes, row)}})
+    return rows
+
+
+def _log_metrics(metrics: dict, log) -> None:
+    val = metrics["validation"]
+    log(f"best epoch {metrics['best_epoch']}: validation accuracy {val['accuracy']:.3f}, "
+        f"balanced accuracy {val['balanced_accuracy']:.3f}")
+    for subset in ("all", "clean"):
+        if "test" in metrics:
+            m = metrics["test"][subset]
+            mel = m.get("melanoma", {})
+            auc = f"{mel['auc']:.3f}" if mel.get("auc") is not None else "n/a"
+            log(f"test ({subset}, n={m['n']}): accuracy {m['accuracy']:.3f}, balanced accuracy "
+                f"{m['balanced_accuracy']:.3f}, macro F1 {m['macro_f1']:.3f}, melanoma AUC {auc}")

@@ -1,0 +1,53 @@
+"""Models: output shapes, the normalisation layer, the head/backbone split, and bad model names."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from melanoma.models import SEED_MODELS, ModelError, ModelSpec, build_model, count_parameters, default_normalization
+
+
+@pytest.mark.parametrize("name", sorted(SEED_MODELS))
+def test_seed_models_map_180px_images_to_nine_logits(name):
+    model = build_model(ModelSpec(name, num_classes=9, image_size=180)).eval()
+    with torch.no_grad():
+        assert model(torch.rand(2, 3, 180, 180) * 255).shape == (2, 9)
+
+
+def test_seed_cnn_matches_the_notebook_layout():
+    network = build_model(ModelSpec("seed-cnn", 9, 180)).network
+    convs = [m for m in network.features if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [32, 64, 128] and all(c.kernel_size == (3, 3) for c in convs)
+    dense = [m for m in network.classifier if isinstance(m, torch.nn.Linear)]
+    assert [(d.in_features, d.out_features) for d in dense] == [(128 * 22 * 22, 128), (128, 9)]
+    aug = build_model(ModelSpec("seed-cnn-aug", 9, 180)).network
+    assert [c.out_channels for c in aug.features if isinstance(c, torch.nn.Conv2d)] == [64, 128, 256]
+    assert isinstance(aug.dropout, torch.nn.Dropout) and aug.dropout.p == 0.2
+
+
+def test_seed_normalisation_is_the_notebooks_rescaling():
+    model = build_model(ModelSpec("seed-cnn", 9, 180))
+    pixels = torch.full((1, 3, 4, 4), 255.0)
+    assert torch.allclose(model.normalize(pixels), torch.ones(1, 3, 4, 4))
+
+
+def test_timm_backbone_by_name_with_tf_normalisation():
+    mean, std = default_normalization("tf_efficientnet_lite0")
+    assert mean == std == (0.5, 0.5, 0.5)
+    model = build_model(ModelSpec("tf_efficientnet_lite0", 9, 64, mean, std)).eval()
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 64, 64) * 255).shape == (1, 9)
+    assert torch.allclose(model.normalize(torch.full((1, 3, 1, 1), 255.0)), torch.ones(1, 3, 1, 1))
+    backbone, head = model.backbone_and_head()
+    assert sum(p.numel() for p in head) == 1280 * 9 + 9
+    assert sum(p.numel() for p in backbone) + sum(p.numel() for p in head) == count_parameters(model.network)
+
+
+def test_unknown_model_name_is_a_clear_error():
+    with pytest.raises(ModelError, match="unknown model 'resnet-999'"):
+        build_model(ModelSpec("resnet-999", 9))
+
+
+def test_fewer_than_two_classes_is_refused():
+    with pytest.raises(ModelError, match="at least 2 classes"):
+        build_model(ModelSpec("seed-cnn", 1))

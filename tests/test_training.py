@@ -1,0 +1,200 @@
+"""Training end to end on a tiny synthetic dataset: run folder, cleaning, leak-free expansion, determinism, resume,
+and every bad input the issue names."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, lesion_image, save_image
+from melanoma.cli import main as cli_main
+from melanoma.data import DataError
+from melanoma.training import (RunError, TrainConfig, load_checkpoint, model_from_checkpoint, prepare_data, train)
+
+CLASSES = ("melanoma", "nevus", "vascular lesion")
+
+
+def _tiny_dataset(root: Path, per_class: int = 10, test_per_class: int = 3) -> Path:
+    for index, label in enumerate(CLASSES):
+        for i in range(per_class):
+            seed = 1000 * index + i
+            save_image(root / "Train" / label / f"ISIC_{seed:07d}.jpg", lesion_image(seed, 40), quality=92)
+        for i in range(test_per_class):
+            seed = 1000 * index + 500 + i
+            save_image(root / "Test" / label / f"ISIC_{seed:07d}.jpg", lesion_image(seed, 40), quality=92)
+    # dirt: a Test image copied into Train under another class
+    leaked = root / "Test" / "melanoma" / "ISIC_0000500.jpg"
+    (root / "Train" / "nevus" / "ISIC_0000500.jpg").write_bytes(leaked.read_bytes())
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return _tiny_dataset(tmp_path_factory.mktemp("tiny") / "data")
+
+
+def _config(data: Path, out: Path, **overrides) -> TrainConfig:
+    base = TrainConfig(data=str(data), out=str(out), epochs=2, batch_size=8, image_size=32, progress=False,
+                       preset="seed", threads=1)
+    return replace(base, **overrides)
+
+
+def test_run_folder_is_self_contained(tiny, tmp_path):
+    run = train(_config(tiny, tmp_path / "run"), log=lambda *_: None)
+    for name in ("config.json", "data.json", "split.csv", "history.csv", "metrics.json", "curves.png",
+                 "test_predictions.csv", "checkpoints/best.pt", "checkpoints/last.ckpt", "audit/audit.json"):
+        assert (run / name).is_file(), name
+    config = json.loads((run / "config.json").read_text())
+    assert config["classes"] == list(CLASSES) and config["config"]["seed"] == 42
+    assert config["model"]["name"] == "seed-cnn" and config["preprocessing"]["image_size"] == 32
+    assert {"torch", "timm", "lightning"} <= set(config["environment"])
+    history = list(csv.DictReader((run / "history.csv").open()))
+    assert [row["epoch"] for row in history] == ["1", "2"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test"]["all"]["n"] == 9 and metrics["test"]["clean"]["n"] == 8  # one Test image leaked
+    payload = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    assert payload["classes"] == list(CLASSES)
+    torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+
+
+def test_cleaning_drops_the_train_copy_of_a_test_image(tiny, tmp_path):
+    data = prepare_data(_config(tiny, tmp_path / "unused"), log=lambda *_: None)
+    assert data.summary["dropped"] == {"drop-train-copy-of-test": 1}
+    assert "Train/nevus/ISIC_0000500.jpg" not in {row["path"] for row in data.split_rows}
+    dirty = prepare_data(_config(tiny, tmp_path / "unused", clean=False), log=lambda *_: None)
+    assert "Train/nevus/ISIC_0000500.jpg" in {row["path"] for row in dirty.split_rows}
+
+
+def test_no_expanded_copy_of_a_validation_image_reaches_training(tiny, tmp_path):
+    data = prepare_data(_config(tiny, tmp_path / "unused", balance="expand:20"), log=lambda *_: None)
+    assert data.summary["expanded_copies"] == 60
+    val_paths = {row["path"] for row in data.split_rows if row["role"] == "val"}
+    generated_from = {data.pool_names[s] for s in data.train_sources if s >= 0}
+    assert generated_from and not generated_from & val_paths
+    assert np.bincount(data.train_labels[data.train_sources >= 0]).tolist() == [20, 20, 20]
+
+
+def test_leaky_protocol_trains_on_copies_of_validation_images(tiny, tmp_path):
+    """The course notebook's bug, reproduced on purpose: expanded copies of validation images land in training."""
+    data = prepare_data(_config(tiny, tmp_path / "unused", balance="expand:20", protocol="leaky", clean=False),
+                        log=lambda *_: None)
+    val_paths = {row["path"] for row in data.split_rows if row["role"] == "val" and "(expanded" not in row["path"]}
+    train_copies = {row["path"].replace(" (expanded copy)", "") for row in data.split_rows
+                    if row["role"] == "train" and "(expanded" in row["path"]}
+    assert train_copies & val_paths
+
+
+def test_same_seed_same_metrics(tiny, tmp_path):
+    first = train(_config(tiny, tmp_path / "a"), log=lambda *_: None)
+    second = train(_config(tiny, tmp_path / "b"), log=lambda *_: None)
+    read = lambda run: [(r["train_loss"], r["val_loss"]) for r in csv.DictReader((run / "history.csv").open())]
+    assert read(first) == read(second)
+    assert json.loads((first / "metrics.json").read_text())["test"] == \
+        json.loads((second / "metrics.json").read_text())["test"]
+
+
+def test_balancing_modes_train(tiny, tmp_path):
+    for balance in ("weights", "sampler"):
+        run = train(_config(tiny, tmp_path / balance, balance=balance, epochs=1), log=lambda *_: None)
+        assert (run / "metrics.json").is_file()
+
+
+_KILLER = """
+import os, signal, sys
+from dataclasses import replace
+import melanoma.training as training
+calls = {"n": 0}
+original = training.ArrayDataset.__getitem__
+def getitem(self, index):
+    if self.transform is not None:
+        calls["n"] += 1
+        if calls["n"] > %(limit)d:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return original(self, index)
+training.ArrayDataset.__getitem__ = getitem
+training.train(training.TrainConfig(data=%(data)r, out=%(out)r, epochs=3, batch_size=8, image_size=32,
+                                    progress=False, preset="seed", threads=1), log=lambda *_: None)
+"""
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny, tmp_path):
+    reference = train(_config(tiny, tmp_path / "whole", epochs=3), log=lambda *_: None)
+    per_epoch = sum(1 for row in csv.DictReader((reference / "split.csv").open()) if row["role"] == "train")
+    killed = tmp_path / "killed"
+    script = _KILLER % {"limit": per_epoch + 5, "data": str(tiny), "out": str(killed)}  # dies inside epoch 2
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True)
+    assert result.returncode == -signal.SIGKILL
+    assert len(list(csv.DictReader((killed / "history.csv").open()))) == 1
+    with pytest.raises(RunError, match="already exists"):
+        train(_config(tiny, killed, epochs=3), log=lambda *_: None)
+    train(_config(tiny, killed, epochs=3, resume=True), log=lambda *_: None)
+    read = lambda run: [(r["epoch"], r["train_loss"], r["val_loss"]) for r in csv.DictReader((run / "history.csv").open())]
+    assert read(killed) == read(reference)
+
+
+def test_existing_folder_is_refused_then_overwritten(tiny, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(RunError, match="already exists; pass --overwrite"):
+        train(_config(tiny, out), log=lambda *_: None)
+    assert (out / "keep.txt").read_text() == "precious"
+    train(_config(tiny, out, epochs=1, overwrite=True), log=lambda *_: None)
+    assert not (out / "keep.txt").exists() and (out / "metrics.json").is_file()
+
+
+def test_corrupt_checkpoint_on_resume_changes_nothing(tiny, tmp_path):
+    run = train(_config(tiny, tmp_path / "run", epochs=1), log=lambda *_: None)
+    last = run / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(RunError, match="corrupt or truncated"):
+        train(_config(tiny, run, epochs=2, resume=True), log=lambda *_: None)
+    assert before == {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+
+def test_checkpoint_from_another_architecture_is_refused(tiny, tmp_path):
+    run = train(_config(tiny, tmp_path / "run", epochs=1), log=lambda *_: None)
+    payload = load_checkpoint(run / "checkpoints" / "best.pt")
+    payload["spec"]["name"] = "seed-cnn-aug"
+    with pytest.raises(RunError, match="do not fit model 'seed-cnn-aug'"):
+        model_from_checkpoint(payload)
+    with pytest.raises(RunError, match="trained with model 'seed-cnn', not 'seed-cnn-aug'"):
+        train(_config(tiny, run, model="seed-cnn-aug", resume=True), log=lambda *_: None)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(RunError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
+
+
+def test_bad_flags_fail_before_anything_is_written(tiny, tmp_path, capsys):
+    out = tmp_path / "never"
+    for flags, message in ((["--model", "nope"], "unknown model 'nope'"),
+                           (["--preset", "fancy"], "unknown augmentation preset"),
+                           (["--balance", "expand:"], "expand needs a positive number"),
+                           (["--balance", "expand:0"], "expand needs a positive number")):
+        code = cli_main(["train", "--data", str(tiny), "--out", str(out), *flags])
+        assert code == 2 and message in capsys.readouterr().err
+        assert not out.exists()
+
+
+def test_data_with_one_class_or_too_few_images(tmp_path):
+    one = tmp_path / "one"
+    for i in range(4):
+        save_image(one / "Train" / "nevus" / f"{i}.jpg", lesion_image(i, 40))
+    with pytest.raises(DataError, match="at least 2 classes"):
+        train(_config(one, tmp_path / "r1"), log=lambda *_: None)
+    thin = _tiny_dataset(tmp_path / "thin", per_class=3, test_per_class=1)
+    for path in list((thin / "Train" / "vascular lesion").iterdir())[1:]:
+        path.unlink()
+    with pytest.raises(DataError, match="class vascular lesion has 1 independent image"):
+        train(_config(thin, tmp_path / "r2"), log=lambda *_: None)
+    assert not (tmp_path / "r2").exists()
