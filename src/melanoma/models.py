@@ -110,6 +110,19 @@ class Classifier(nn.Module):
         return [p for p in self.network.parameters() if id(p) not in head_ids], head
 
 
+    def early_stage_modules(self, stages: int) -> list[nn.Module]:
+        """Stem and the first ``stages`` stages of an EfficientNet/MobileNet-style timm network (for freezing)."""
+        if stages <= 0:
+            return []
+        network = self.network
+        if not all(hasattr(network, name) for name in ("conv_stem", "bn1", "blocks")):
+            raise ModelError(f"freezing early stages needs an EfficientNet/MobileNet-style timm model; "
+                             f"'{self.spec.name}' has no conv_stem/blocks (use --freeze-stages 0)")
+        if stages > len(network.blocks):
+            raise ModelError(f"'{self.spec.name}' has {len(network.blocks)} stages; cannot freeze {stages}")
+        return [network.conv_stem, network.bn1, *network.blocks[:stages]]
+
+
 def build_model(spec: ModelSpec) -> Classifier:
     """A randomly initialised model for ``spec`` (pretrained weights are loaded by melanoma.weights)."""
     if spec.num_classes < 2:

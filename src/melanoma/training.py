@@ -20,7 +20,7 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -50,24 +50,29 @@ class RunError(RuntimeError):
 class TrainConfig:
     data: str
     out: str
-    model: str = "seed-cnn"
-    preset: str = "seed"
-    balance: str = "none"
-    epochs: int = 20
-    batch_size: int = 32
-    lr: float = 1e-3                  # Keras Adam default, as the course notebook
-    optimizer: str = "adam"           # adam | adamw
-    weight_decay: float = 0.0
-    label_smoothing: float = 0.0
-    schedule: str = "constant"        # constant | cosine (linear warm-up, then cosine to 0)
-    warmup_epochs: float = 0.0
-    freeze_epochs: int = 0            # epochs with the backbone frozen (head warm-up)
-    backbone_lr_scale: float = 1.0    # backbone LR = lr * scale (discriminative learning rates)
-    ema_decay: float = 0.0            # 0 = off; else EMA of weights, used for validation and the saved model
-    tta: bool = False                 # 8 dihedral views at evaluation
-    weights: str | None = None        # pretrained weights: 'package', 'timm' or a state-dict path
-    image_size: int | None = None     # default: 180 for seed CNNs, 224 for timm backbones
+    model: str = "tf_efficientnet_lite0"
+    recipe: str | None = None         # seed | finetune; default: seed for the seed CNNs, finetune otherwise
+    # Recipe fields: None means "the recipe's value" (see RECIPES); set one to override it.
+    preset: str | None = None
+    balance: str | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    optimizer: str | None = None      # adam | adamw
+    weight_decay: float | None = None
+    label_smoothing: float | None = None
+    schedule: str | None = None       # constant | cosine (linear warm-up, then cosine to 0)
+    warmup_epochs: float | None = None
+    freeze_epochs: int | None = None  # epochs with the whole backbone frozen (head warm-up)
+    freeze_stages: int | None = None  # stem + this many early stages stay frozen throughout (small-data fine-tuning)
+    backbone_lr_scale: float | None = None  # backbone LR = lr * scale (discriminative learning rates)
+    ema_decay: float | None = None    # 0 = off; else EMA of weights, used for validation and the saved model
+    tta: bool | None = None           # 8 dihedral views at evaluation
+    weights: str | None = None        # pretrained weights: 'package', 'timm', a state-dict path, or 'none'
+    image_size: int | None = None
     val_fraction: float = 0.2
+    target_sensitivity: float = 0.9   # the melanoma alert threshold is chosen on validation to reach this
+    bootstrap: int = 1000             # stratified bootstrap resamples for the Test confidence intervals (0 = none)
     protocol: str = "leak-free"       # leak-free: split, then balance | leaky: expand, then split (the course bug)
     seed: int = 42
     clean: bool = True                # apply the audit's clean_manifest.csv actions
@@ -87,10 +92,46 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
 
+    def resolved(self) -> "TrainConfig":
+        """A copy with every recipe field filled in: explicit values win over the recipe's."""
+        from melanoma.models import SEED_MODELS
+
+        recipe = self.recipe or ("seed" if self.model in SEED_MODELS else "finetune")
+        if recipe not in RECIPES:
+            raise RunError(f"unknown recipe '{recipe}' (choose from: {', '.join(RECIPES)})")
+        values = {name: getattr(self, name) for name in RECIPES[recipe]}
+        filled = {name: RECIPES[recipe][name] if value is None else value for name, value in values.items()}
+        if filled["weights"] == "package" and self.model not in _PACKAGED_WEIGHTS:
+            filled["weights"] = "none"
+        return replace(self, recipe=recipe, **filled)
+
     @classmethod
     def from_dict(cls, payload: dict) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in payload.items() if k in known})
+
+
+_PACKAGED_WEIGHTS = ("tf_efficientnet_lite0", "tf_efficientnet_lite2")
+RECIPES: dict[str, dict] = {
+    # The course notebook: Keras defaults (Adam 1e-3, batch 32), no schedule, 180 px, trained from scratch.
+    "seed": dict(preset="seed", balance="none", epochs=20, batch_size=32, lr=1e-3, optimizer="adam",
+                 weight_decay=0.0, label_smoothing=0.0, schedule="constant", warmup_epochs=0.0, freeze_epochs=0,
+                 freeze_stages=0, backbone_lr_scale=1.0, ema_decay=0.0, tta=False, weights="none", image_size=180),
+    # Fine-tuning an ImageNet backbone on ~2,000 images on a CPU (chosen on the validation split, never on Test):
+    "finetune": dict(
+        preset="dermoscopy",      # lesions have no orientation; colour varies between dermatoscopes
+        balance="sampler",        # class-balanced batches: rare classes (DF, SK, VASC) are seen as often as nevi
+        epochs=12, batch_size=32,
+        lr=1e-3,                  # head LR; the backbone gets backbone_lr_scale of it
+        optimizer="adamw", weight_decay=0.01,
+        label_smoothing=0.1,      # folder labels are noisy (see the audit)
+        schedule="cosine", warmup_epochs=1.0,
+        freeze_epochs=1,          # head warm-up on a frozen backbone, so random head gradients do not wreck it
+        freeze_stages=2,          # stem + first two stages (edges, colours) stay ImageNet: 2-3x faster on a CPU
+        backbone_lr_scale=0.3,
+        ema_decay=0.995,          # ~200-step horizon, about 3 epochs here
+        tta=True, weights="package", image_size=224),
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -154,6 +195,7 @@ def load_clean_manifest(config: TrainConfig, index: DatasetIndex, run_dir: Path 
 
 def prepare_data(config: TrainConfig, run_dir: Path | None = None, log=print) -> PreparedData:
     """Discover, clean, decode once, split (grouped and stratified) and balance; all seeded."""
+    config = config.resolved()
     index = load_dataset(config.data)
     manifest = load_clean_manifest(config, index, run_dir)
     pool = select_training_pool(index, manifest if config.clean else None, relabel=config.relabel)
@@ -188,9 +230,7 @@ def _check_labels_known(pool: Selection, classes: list[str]) -> None:
 
 
 def resolve_image_size(config: TrainConfig) -> int:
-    from melanoma.models import SEED_MODELS
-
-    return config.image_size or (180 if config.model in SEED_MODELS else 224)
+    return config.image_size or config.resolved().image_size
 
 
 def _split_then_expand(images, labels, groups, names, balance: Balance, classes: list[str], config: TrainConfig):
@@ -348,19 +388,25 @@ def lr_schedule(config: TrainConfig, steps_per_epoch: int):
 
 
 def _callbacks(config: TrainConfig, run_dir: Path, spec: ModelSpec, classes: list[str], history: list[dict],
-               generators: Sequence[torch.Generator] = ()):
+               generators: Sequence[torch.Generator] = (), steps_per_epoch: int = 1):
     pl = _lightning()
 
     class FreezeBackbone(pl.Callback):
-        """Head warm-up: the backbone is frozen (no gradients, BatchNorm statistics fixed) for the first epochs."""
+        """Head warm-up: the whole backbone is frozen for the first ``freeze_epochs``; the stem and first
+        ``freeze_stages`` stages stay frozen throughout. Frozen means no gradients and fixed BatchNorm statistics."""
 
         def on_train_epoch_start(self, trainer, module):
-            frozen = trainer.current_epoch < config.freeze_epochs
-            backbone, _ = module.model.backbone_and_head()
+            model = module.model
+            warming_up = trainer.current_epoch < config.freeze_epochs
+            backbone, _ = model.backbone_and_head()
             for parameter in backbone:
-                parameter.requires_grad_(not frozen)
-            if frozen:
-                for layer in module.model.network.modules():
+                parameter.requires_grad_(not warming_up)
+            frozen_modules = [model.network] if warming_up else model.early_stage_modules(config.freeze_stages)
+            for frozen in frozen_modules:
+                for parameter in frozen.parameters():
+                    if frozen is not model.network:
+                        parameter.requires_grad_(False)
+                for layer in frozen.modules():
                     if isinstance(layer, nn.modules.batchnorm._BatchNorm):
                         layer.eval()
 
@@ -409,7 +455,9 @@ def _callbacks(config: TrainConfig, run_dir: Path, spec: ModelSpec, classes: lis
     if config.early_stopping:
         callbacks.append(pl.callbacks.EarlyStopping(monitor="val_loss", patience=config.early_stopping))
     if config.ema_decay:
-        callbacks.append(pl.callbacks.EMAWeightAveraging(decay=config.ema_decay))
+        # Averaging starts after the head warm-up, so the random initial head does not linger in the average.
+        callbacks.append(pl.callbacks.EMAWeightAveraging(
+            decay=config.ema_decay, update_starting_at_step=config.freeze_epochs * steps_per_epoch))
     return callbacks
 
 
@@ -543,6 +591,7 @@ def train(config: TrainConfig, log=print) -> Path:
     """Train one model and write its run folder; returns the folder."""
     if config.resume:
         config = resumed_config(config)
+    config = config.resolved()
     config.precision = resolve_precision(config)
     validate_config(config)
     run_dir = prepare_run_dir(config)
@@ -553,14 +602,16 @@ def train(config: TrainConfig, log=print) -> Path:
     pl.seed_everything(config.seed, workers=True, verbose=False)
     if config.threads:
         torch.set_num_threads(config.threads)
+    pretrained = _pretrained_state(config)  # a bad weights file fails here, before anything is written
     staging = run_dir if config.resume else _staging_dir(run_dir)
     data = prepare_data(config, staging, log=log)
     spec = build_spec(config, num_classes=len(data.classes))
     model = build_model(spec)
-    from melanoma.weights import load_pretrained
+    model.early_stage_modules(config.freeze_stages)  # an impossible --freeze-stages fails before training
+    if pretrained is not None:
+        from melanoma.weights import load_pretrained
 
-    if config.weights:
-        load_pretrained(model, config.weights, log=log)
+        load_pretrained(model, pretrained, source=config.weights, log=log)
     model = model.to(memory_format=torch.channels_last)
     if not config.resume:
         _write_run_header(staging, config, spec, data)
@@ -572,6 +623,14 @@ def train(config: TrainConfig, log=print) -> Path:
     if trainer.is_global_zero:
         finish_run(run_dir, data, config, history, log)
     return run_dir
+
+
+def _pretrained_state(config: TrainConfig):
+    if not config.weights or config.weights == "none" or config.resume:
+        return None
+    from melanoma.weights import imagenet_state_dict
+
+    return imagenet_state_dict(config.model, config.weights)
 
 
 def _check_resumable(last: Path) -> None:
@@ -645,26 +704,32 @@ def _build_trainer(config: TrainConfig, model, data: PreparedData, run_dir: Path
         num_nodes=config.num_nodes, strategy=config.strategy, precision=config.precision,
         deterministic=True, logger=False, enable_checkpointing=False, enable_model_summary=False,
         enable_progress_bar=config.progress, num_sanity_val_steps=0, default_root_dir=str(run_dir),
-        callbacks=_callbacks(config, run_dir, spec, data.classes, history, generators))
+        callbacks=_callbacks(config, run_dir, spec, data.classes, history, generators, len(train_loader)))
     return trainer, module, (train_loader, val_loader)
 
 
 def finish_run(run_dir: Path, data: PreparedData, config: TrainConfig, history: list[dict], log=print) -> dict:
     """Score the best checkpoint on validation and Test (all / clean), write metrics.json and curves.png."""
-    from melanoma.evaluation import compute_metrics, predict_probabilities
+    from melanoma.evaluation import bootstrap_ci, compute_metrics, predict_probabilities
     from melanoma.plots import training_curves_figure
 
     payload = load_checkpoint(run_dir / CHECKPOINT_DIR / BEST)
     model, spec = model_from_checkpoint(payload)
     val_probs = predict_probabilities(model, data.val_images, spec.image_size, tta=config.tta)
+    alert = _alert_threshold(data, val_probs, config.target_sensitivity)
+    threshold = alert["threshold"] if alert else None
     metrics = {"best_epoch": payload["epoch"], "epochs_run": len(history), "tta": config.tta,
-               "final_epoch": history[-1] if history else {},
-               "validation": compute_metrics(data.val_labels, val_probs, data.classes)}
+               "final_epoch": history[-1] if history else {}, "alert": alert,
+               "validation": compute_metrics(data.val_labels, val_probs, data.classes, threshold)}
     if len(data.test_labels):
         test_probs = predict_probabilities(model, data.test_images, spec.image_size, tta=config.tta)
-        clean = ~data.test_leaked
-        metrics["test"] = {"all": compute_metrics(data.test_labels, test_probs, data.classes),
-                           "clean": compute_metrics(data.test_labels[clean], test_probs[clean], data.classes)}
+        metrics["test"] = {}
+        for subset, mask in (("all", np.ones(len(data.test_labels), dtype=bool)), ("clean", ~data.test_leaked)):
+            scores = compute_metrics(data.test_labels[mask], test_probs[mask], data.classes, threshold)
+            if config.bootstrap and mask.any():
+                scores["ci"] = bootstrap_ci(data.test_labels[mask], test_probs[mask], data.classes, threshold,
+                                            resamples=config.bootstrap, seed=config.seed)
+            metrics["test"][subset] = scores
         write_csv(run_dir / "test_predictions.csv", _prediction_rows(data, test_probs),
                   ["image", "label", "predicted", "leaked", *data.classes])
     write_json(run_dir / "metrics.json", metrics)
@@ -673,6 +738,16 @@ def finish_run(run_dir: Path, data: PreparedData, config: TrainConfig, history: 
                     run_dir / "curves.png")
     _log_metrics(metrics, log)
     return metrics
+
+
+def _alert_threshold(data: PreparedData, val_probs: np.ndarray, target: float) -> dict | None:
+    from melanoma.data import MELANOMA
+    from melanoma.evaluation import threshold_for_sensitivity
+
+    if MELANOMA not in data.classes:
+        return None
+    index = data.classes.index(MELANOMA)
+    return threshold_for_sensitivity(data.val_labels == index, val_probs[:, index], target) | {"chosen_on": "validation"}
 
 
 def _prediction_rows(data: PreparedData, probs: np.ndarray) -> list[dict]:
@@ -692,5 +767,7 @@ def _log_metrics(metrics: dict, log) -> None:
             m = metrics["test"][subset]
             mel = m.get("melanoma", {})
             auc = f"{mel['auc']:.3f}" if mel.get("auc") is not None else "n/a"
+            sens = f", sensitivity {mel['sensitivity']:.2f} / specificity {mel['specificity']:.2f} at the alert" \
+                if mel.get("sensitivity") is not None and mel.get("specificity") is not None else ""
             log(f"test ({subset}, n={m['n']}): accuracy {m['accuracy']:.3f}, balanced accuracy "
-                f"{m['balanced_accuracy']:.3f}, macro F1 {m['macro_f1']:.3f}, melanoma AUC {auc}")
+                f"{m['balanced_accuracy']:.3f}, macro F1 {m['macro_f1']:.3f}, melanoma AUC {auc}{sens}")

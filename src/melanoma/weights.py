@@ -110,12 +110,15 @@ def _check_fits(state, reference, architecture: str, source: str) -> None:
                            "Was it saved for another architecture?")
 
 
-def load_pretrained(model: Classifier, source: str, log=print) -> None:
-    """Load ImageNet weights into ``model``'s backbone (strict), keeping its freshly initialised class head."""
+def load_pretrained(model: Classifier, weights: "str | OrderedDict[str, torch.Tensor]", source: str | None = None,
+                    log=print) -> None:
+    """Load ImageNet weights (a --weights value, or a state dict from :func:`imagenet_state_dict`) into ``model``'s
+    backbone, strictly, keeping its freshly initialised class head."""
     if model.spec.is_seed:
         raise WeightsError(f"'{model.spec.name}' is trained from scratch; --weights applies to timm backbones")
     network = model.network
-    state = imagenet_state_dict(model.spec.name, source)
+    source = source or (weights if isinstance(weights, str) else "a state dict")
+    state = imagenet_state_dict(model.spec.name, weights) if isinstance(weights, str) else weights
     head_keys = _classifier_keys(network)
     own = network.state_dict()
     state = OrderedDict((k, v) for k, v in state.items() if k not in head_keys)
