@@ -1,4 +1,8 @@
-"""Class balancing, chosen by flag: ``none``, ``weights``, ``sampler`` or ``expand:N`` (the course's Augmentor recipe).
+"""Class balancing, chosen by flag: ``none``, ``weights``, ``sampler`` (or ``sampler:P``) or ``expand:N`` (the
+course's Augmentor recipe).
+
+``sampler`` draws every class equally often; ``sampler:P`` draws class c with probability proportional to n_c^(1-P),
+so ``sampler:1`` is full balance and ``sampler:0.5`` gives class shares proportional to sqrt(n_c).
 
 Everything here is computed from the *training* split only, after the split: the course notebook expanded before
 splitting, so copies of validation images were trained on.
@@ -20,21 +24,30 @@ from melanoma.data import DataError
 class Balance:
     mode: str            # none | weights | sampler | expand
     copies: int = 0      # expand: generated images per class
+    power: float = 1.0   # sampler: per-image weight 1 / n_c^power
 
     def __str__(self) -> str:
-        return f"expand:{self.copies}" if self.mode == "expand" else self.mode
+        if self.mode == "expand":
+            return f"expand:{self.copies}"
+        return f"sampler:{self.power:g}" if self.mode == "sampler" and self.power != 1.0 else self.mode
 
 
 def parse_balance(text: str) -> Balance:
     text = text.strip()
     if text in ("none", "weights", "sampler"):
         return Balance(text)
+    sampler = re.fullmatch(r"sampler:([0-9.]+)", text)
+    if sampler:
+        power = float(sampler.group(1)) if re.fullmatch(r"\d*\.?\d+", sampler.group(1)) else -1
+        if not 0 < power <= 1:
+            raise DataError(f"'{text}': the sampler power must be in (0, 1], e.g. sampler:0.5")
+        return Balance("sampler", power=power)
     match = re.fullmatch(r"expand:(\d+)", text)
     if match and int(match.group(1)) > 0:
         return Balance("expand", int(match.group(1)))
     if text.startswith("expand"):
         raise DataError(f"'{text}': expand needs a positive number of copies per class, e.g. expand:500")
-    raise DataError(f"unknown balancing '{text}' (choose from: none, weights, sampler, expand:N)")
+    raise DataError(f"unknown balancing '{text}' (choose from: none, weights, sampler, sampler:P, expand:N)")
 
 
 def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -50,10 +63,11 @@ def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def balanced_sampler(labels: np.ndarray, num_classes: int, seed: int) -> WeightedRandomSampler:
-    """Draws each class equally often in expectation (with replacement), one epoch = len(labels) draws."""
-    counts = class_counts(labels, num_classes)
-    per_sample = 1.0 / counts[np.asarray(labels)]
+def balanced_sampler(labels: np.ndarray, num_classes: int, seed: int, power: float = 1.0) -> WeightedRandomSampler:
+    """Draws class c with probability proportional to n_c^(1-power) (power 1: every class equally often), with
+    replacement; one epoch = len(labels) draws."""
+    counts = class_counts(labels, num_classes).astype(np.float64)
+    per_sample = 1.0 / counts[np.asarray(labels)] ** power
     generator = torch.Generator().manual_seed(seed)
     return WeightedRandomSampler(torch.as_tensor(per_sample, dtype=torch.double), num_samples=len(labels),
                                  replacement=True, generator=generator)

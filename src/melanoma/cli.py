@@ -104,6 +104,105 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from melanoma.evaluation import evaluate_run
+
+    evaluate_run(args.run, data=args.data, split=args.split, out=args.out, resamples=args.bootstrap,
+                 target_sensitivity=args.target_sensitivity)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from melanoma.inference import Run, collect_inputs, prediction_columns, prediction_rows
+    from melanoma.io import atomic_write_text, write_csv
+
+    run = Run.load(args.run, threshold=args.threshold)
+    inputs = collect_inputs(args.inputs)
+    predictions = run.predict_files(inputs, batch_size=args.batch_size,
+                                    progress=_progress("predicting") if len(inputs) > args.batch_size else None)
+    rows = prediction_rows(predictions, run.classes)
+    if args.out.endswith(".json"):
+        atomic_write_text(args.out, json.dumps(rows, indent=2) + "\n")
+    else:
+        write_csv(args.out, rows, prediction_columns(run.classes))
+    _print_predictions(predictions, run.threshold)
+    print(f"wrote {args.out} ({len(rows)} rows, {sum(1 for p in predictions if p.error)} errors)")
+    return 1 if all(p.error for p in predictions) else 0
+
+
+def _print_predictions(predictions, threshold, limit: int = 20) -> None:
+    print(f"{'image':<40} {'top class':<28} {'p(top)':>6} {'p(melanoma)':>11}  alert (threshold "
+          f"{'n/a' if threshold is None else f'{threshold:.3f}'})")
+    for p in predictions[:limit]:
+        if p.error:
+            print(f"{p.image[:40]:<40} ERROR: {p.error}")
+            continue
+        alert = "MELANOMA ALERT" if p.melanoma_alert else "-"
+        print(f"{p.image[:40]:<40} {p.top_class:<28} {p.probabilities[p.top_class]:>6.3f} "
+              f"{(p.melanoma_probability or 0):>11.3f}  {alert}")
+    if len(predictions) > limit:
+        print(f"... {len(predictions) - limit} more in the output file")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from melanoma.report import write_run_report
+
+    print(f"wrote {write_run_report(args.run)}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from melanoma.io import atomic_write_text
+    from melanoma.report import compare_runs
+
+    try:
+        _, table = compare_runs(args.runs, subset=args.subset)
+    except FileNotFoundError as exc:
+        raise DataError(str(exc)) from exc
+    print(f"Test ({args.subset}) metrics with 95% bootstrap CIs\n")
+    print(table)
+    if args.out:
+        atomic_write_text(args.out, table)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from melanoma.export import export_onnx
+
+    if args.format != "onnx":
+        raise DataError(f"unknown export format '{args.format}' (onnx)")
+    export_onnx(args.run, opset=args.opset)
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from melanoma.explain import explain_files, write_explanations
+    from melanoma.inference import Run, collect_inputs
+
+    run = Run.load(args.run, backend="torch")  # Grad-CAM needs gradients: always the PyTorch model
+    explanations = explain_files(run, collect_inputs(args.images))
+    written = write_explanations(explanations, args.out)
+    for explanation in explanations:
+        if explanation.error:
+            print(f"ERROR: {explanation.error}")
+        else:
+            print(f"{explanation.image}: {explanation.predicted} ({explanation.probability:.2f})")
+    print(f"wrote {len(written)} Grad-CAM panel(s) to {args.out}")
+    return 0 if written else 1
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from melanoma.serve import ServeConfig, serve
+
+    config = ServeConfig(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_concurrent=args.concurrency,
+                         queue_size=args.queue, token=args.token)
+    serve(args.run, host=args.host, port=args.port, config=config)
+    return 0
+
+
 def _add_training_flags(parser: argparse.ArgumentParser, default_out: str) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--data", required=True, help="ROOT/{Train,Test}/<class>/* (or ROOT/<class>/*, or a manifest)")
@@ -190,6 +289,79 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_flags(train, "runs/train")
     train.set_defaults(func=cmd_train)
 
+    evaluate = verbs.add_parser(
+        "evaluate", help="score a trained run on a split: metrics with 95% CIs, confusion matrix, ROC/PR curves",
+        description="Accuracy, balanced accuracy, macro F1, per-class table, confusion matrix, one-vs-rest ROC and "
+                    "PR curves, and melanoma sensitivity/specificity at the run's alert threshold, with stratified "
+                    "bootstrap CIs, on all images of the split and on the 'clean' ones (not leaked into Train).")
+    evaluate.add_argument("run", help="a run folder written by `melanoma train`")
+    evaluate.add_argument("--data", help="dataset root (default: the run's training data)")
+    evaluate.add_argument("--split", default="Test", help="split folder to score (default: Test)")
+    evaluate.add_argument("--out", help="output folder (default: RUN/evaluation-<split>)")
+    evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default: 1000; 0 = none)")
+    evaluate.add_argument("--target-sensitivity", type=float, default=0.9,
+                          help="also report the threshold this split would need for this sensitivity")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    predict = verbs.add_parser(
+        "predict", help="predict images, folders or CSV manifests; writes the ISIC submission layout",
+        description="One row per image: image id, one probability column per class, melanoma_alert (0/1) at the "
+                    "run's threshold, top_class, and an error for images that cannot be read (the rest go on).")
+    predict.add_argument("run", help="a run folder written by `melanoma train`")
+    predict.add_argument("inputs", nargs="+", help="image files, folders, or CSV manifests with an 'image' column")
+    predict.add_argument("--out", default="predictions.csv", help="output .csv or .json (default: predictions.csv)")
+    predict.add_argument("--threshold", type=float, help="melanoma alert threshold (default: the run's, chosen on "
+                                                         "validation)")
+    predict.add_argument("--batch-size", type=int, default=32)
+    predict.set_defaults(func=cmd_predict)
+
+    report = verbs.add_parser("report", help="(re)build RUN/report.html: a self-contained page of the run's results",
+                              description="Headline metrics with CIs, data summary, curves, confusion matrix, ROC, "
+                                          "per-class table, worst misclassified Test images and the config, in one "
+                                          "HTML file with embedded figures (readable offline, printable).")
+    report.add_argument("run", help="a run folder written by `melanoma train`")
+    report.set_defaults(func=cmd_report)
+
+    compare = verbs.add_parser("compare", help="a table of several runs' headline Test metrics with CIs")
+    compare.add_argument("runs", nargs="+", help="run folders")
+    compare.add_argument("--subset", choices=["all", "clean"], default="clean",
+                         help="Test images to compare on (default: clean, i.e. not leaked into Train)")
+    compare.add_argument("--out", help="also write the markdown table to this file")
+    compare.set_defaults(func=cmd_compare)
+
+    explain = verbs.add_parser(
+        "explain", help="Grad-CAM panels (image, heatmap, overlay) showing where the model looked",
+        description="For each image: the predicted class and probability, and a Grad-CAM heatmap for that class "
+                    "from the last convolutional layer. Unreadable images are reported; the others go on.")
+    explain.add_argument("run", help="a run folder written by `melanoma train`")
+    explain.add_argument("images", nargs="+", help="image files, folders or CSV manifests")
+    explain.add_argument("--out", default="explanations", help="output folder (default: explanations)")
+    explain.set_defaults(func=cmd_explain)
+
+    export = verbs.add_parser(
+        "export", help="export a run's model to ONNX (verified against PyTorch) for fast CPU inference",
+        description="Writes RUN/model.onnx: dynamic batch, float pixels in [0, 255] in, probabilities out, class "
+                    "names and preprocessing in the metadata. Checks max |probability difference| < 1e-4 against "
+                    "PyTorch at batch sizes 1 and 16 before writing. predict/serve then use onnxruntime.")
+    export.add_argument("run", help="a run folder written by `melanoma train`")
+    export.add_argument("--format", default="onnx", help="onnx (the only format)")
+    export.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
+    export.set_defaults(func=cmd_export)
+
+    serve = verbs.add_parser(
+        "serve", help="serve a run over HTTP: REST API (/docs) and a web page (/) for the clinic",
+        description="FastAPI + uvicorn. GET /health, GET /v1/model, POST /v1/predict (multipart 'files', "
+                    "?explain=true for a Grad-CAM overlay), and a drag-and-drop page at /. Uses onnxruntime when "
+                    "the run has model.onnx. Research tool, not a medical device.")
+    serve.add_argument("run", help="a run folder written by `melanoma train`")
+    serve.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--token", help="require 'Authorization: Bearer TOKEN' (or set MELANOMA_TOKEN)")
+    serve.add_argument("--max-upload-mb", type=float, default=10.0, help="per-image upload limit (default: 10)")
+    serve.add_argument("--concurrency", type=int, default=2, help="inferences at once (default: 2)")
+    serve.add_argument("--queue", type=int, default=32, help="requests that may wait before 503 (default: 32)")
+    serve.set_defaults(func=cmd_serve)
+
     experiment = verbs.add_parser("experiment", help="reproducible studies (seed-study)",
                                   description="Run a named study and write a comparison table.")
     studies = experiment.add_subparsers(dest="study", metavar="STUDY", required=True)
@@ -212,7 +384,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from melanoma.transforms import PresetError
     from melanoma.weights import WeightsError
 
-    return (ModelError, RunError, PresetError, WeightsError)
+    from melanoma.export import ExportError
+
+    from melanoma.explain import ExplainError
+
+    return (ModelError, RunError, PresetError, WeightsError, ExportError, ExplainError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

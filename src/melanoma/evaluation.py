@@ -5,7 +5,7 @@ metrics are computed from labels and probabilities.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -14,20 +14,30 @@ from melanoma.data import MELANOMA
 from melanoma.transforms import dihedral_views, eval_pixels, to_model_input
 
 
-@torch.no_grad()
 def predict_probabilities(model: torch.nn.Module, images: np.ndarray, image_size: int, batch_size: int = 64,
                           tta: bool = False, device: str | torch.device = "cpu") -> np.ndarray:
-    """Softmax probabilities for N x H x W x 3 uint8 images, optionally averaged over the 8 dihedral views."""
+    """Softmax probabilities of a PyTorch model for N x H x W x 3 uint8 images (optionally TTA-averaged)."""
     model.eval()
+
+    @torch.no_grad()
+    def forward(pixels: torch.Tensor) -> np.ndarray:
+        return torch.softmax(model(pixels.to(device)).float(), dim=1).cpu().numpy()
+
+    return probabilities_with(forward, images, image_size, batch_size, tta)
+
+
+def probabilities_with(forward: Callable[[torch.Tensor], np.ndarray], images: np.ndarray, image_size: int,
+                       batch_size: int = 64, tta: bool = False) -> np.ndarray:
+    """The evaluation loop shared by every backend: eval transform, optional 8-view TTA, batched ``forward``
+    (float pixels N x 3 x H x W -> probabilities)."""
     outputs = []
     for start in range(0, len(images), batch_size):
         batch = torch.stack([eval_pixels(image, image_size) for image in images[start:start + batch_size]])
         views = dihedral_views(batch) if tta else [batch]
-        probs = sum(torch.softmax(model(to_model_input(v).to(device)).float(), dim=1) for v in views) / len(views)
-        outputs.append(probs.cpu())
+        outputs.append(sum(forward(to_model_input(v, channels_last=False)) for v in views) / len(views))
     if not outputs:
         return np.zeros((0, 0), dtype=np.float32)
-    return torch.cat(outputs).numpy()
+    return np.concatenate(outputs)
 
 
 def compute_metrics(labels: Sequence[int], probabilities: np.ndarray, classes: Sequence[str],
@@ -48,7 +58,8 @@ def compute_metrics(labels: Sequence[int], probabilities: np.ndarray, classes: S
         "balanced_accuracy": float(recall[present].mean()) if len(labels) else float("nan"),
         "macro_f1": float(f1[present].mean()) if len(labels) else float("nan"),
         "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                             "support": int(support[i])} for i, name in enumerate(classes)},
+                             "support": int(support[i]), "auc": _one_vs_rest_auc(labels == i, probabilities[:, i])}
+                      for i, name in enumerate(classes)},
         "confusion_matrix": confusion_matrix(labels, predicted, labels=all_classes).tolist(),
     }
     if MELANOMA in classes:
@@ -57,6 +68,14 @@ def compute_metrics(labels: Sequence[int], probabilities: np.ndarray, classes: S
                                                np.zeros(0), predicted == list(classes).index(MELANOMA),
                                                melanoma_threshold)
     return metrics
+
+
+def _one_vs_rest_auc(positive: np.ndarray, score: np.ndarray) -> float | None:
+    from sklearn.metrics import roc_auc_score
+
+    if not positive.any() or positive.all():
+        return None
+    return float(roc_auc_score(positive, score))
 
 
 def melanoma_metrics(is_melanoma: np.ndarray, melanoma_probability: np.ndarray, predicted_melanoma: np.ndarray,
@@ -152,3 +171,127 @@ def bootstrap_ci(labels: Sequence[int], probabilities: np.ndarray, classes: Sequ
                    "low": float(np.percentile(samples[name], tail)) if samples[name] else None,
                    "high": float(np.percentile(samples[name], 100 - tail)) if samples[name] else None}
             for name in CI_METRICS}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# melanoma evaluate RUN
+
+
+def evaluate_run(run_dir: str, data: str | None = None, split: str = "Test", out: str | None = None,
+                 resamples: int = 1000, target_sensitivity: float = 0.9, log=print) -> dict:
+    """Score a trained run on one split of a dataset: metrics with CIs on all and clean images, plots, predictions."""
+    from pathlib import Path
+
+    from melanoma.data import DataError, build_cache, display_name, load_dataset
+    from melanoma.inference import Run
+    from melanoma.io import save_figure, write_csv, write_json
+    from melanoma.plots import confusion_figure, roc_pr_figures
+
+    run = Run.load(run_dir)
+    index = load_dataset(data or run.config["config"]["data"])
+    records = _split_records(index, split)
+    _check_same_classes(run.classes, index.classes)
+    leaked = _leak_flags(Path(run_dir), index, records)
+    cache = build_cache(records, size=run.image_size)
+    ok = cache.ok_indices
+    labels = np.asarray([run.classes.index(records[i].label) for i in ok])
+    probs = run.probabilities(cache.images[ok])
+    clean = np.asarray([not leaked[i] for i in ok], dtype=bool)
+    report = {"run": str(run_dir), "data": display_name(index.root), "split": split, "tta": run.tta,
+              "alert_threshold": run.threshold, "unreadable": [cache.errors[i] for i in sorted(cache.errors)]}
+    for subset, mask in (("all", np.ones(len(ok), dtype=bool)), ("clean", clean)):
+        scores = compute_metrics(labels[mask], probs[mask], run.classes, run.threshold)
+        if resamples and mask.any():
+            scores["ci"] = bootstrap_ci(labels[mask], probs[mask], run.classes, run.threshold, resamples=resamples)
+        if MELANOMA in run.classes and mask.any():
+            m = run.classes.index(MELANOMA)
+            # For information only: which threshold *this* split would need; the run's threshold came from validation.
+            scores["threshold_for_target_sensitivity"] = threshold_for_sensitivity(labels[mask] == m, probs[mask, m],
+                                                                                   target_sensitivity)
+        report[subset] = scores
+    out_dir = Path(out or Path(run_dir) / f"evaluation-{split.lower()}")
+    write_json(out_dir / "metrics.json", report)
+    save_figure(confusion_figure(report["all"]["confusion_matrix"], run.classes, f"{split} (n={len(ok)})"),
+                out_dir / "confusion.png")
+    roc, pr = roc_pr_figures(labels, probs, run.classes)
+    save_figure(roc, out_dir / "roc.png")
+    save_figure(pr, out_dir / "pr.png")
+    rows = [{"image": records[i].rel_path, "label": records[i].label, "leaked": int(leaked[i]),
+             "predicted": run.classes[int(p.argmax())], **{c: f"{v:.6f}" for c, v in zip(run.classes, p)}}
+            for i, p in zip(ok, probs)]
+    rows += [{"image": records[i].rel_path, "label": records[i].label, "error": cache.errors[i]}
+             for i in sorted(cache.errors)]
+    write_csv(out_dir / "predictions.csv", rows, ["image", "label", "leaked", "predicted", *run.classes, "error"])
+    for message in report["unreadable"]:
+        log(f"warning: not scored: {message}")
+    _log_evaluation(report, out_dir, log)
+    return report
+
+
+def _split_records(index, split: str):
+    from melanoma.data import DataError, display_name
+
+    available = index.splits
+    on_disk = any(p.is_dir() and p.name.lower() == split.lower() for p in index.root.iterdir())
+    if not on_disk and not any(s.lower() == split.lower() for s in available):
+        raise DataError(f"{display_name(index.root)}: no split '{split}' (available: "
+                        f"{', '.join(s or '(no split folders)' for s in available)})")
+    records = index.in_split(split)
+    if not records:
+        raise DataError(f"{display_name(index.root)}: split '{split}' has no images")
+    return records
+
+
+def _check_same_classes(run_classes: Sequence[str], data_classes: Sequence[str]) -> None:
+    from melanoma.data import DataError
+
+    if list(run_classes) != list(data_classes):
+        missing = sorted(set(run_classes) - set(data_classes))
+        extra = sorted(set(data_classes) - set(run_classes))
+        raise DataError("the data's classes differ from the run's: "
+                        + (f"missing from the data: {', '.join(missing)}; " if missing else "")
+                        + (f"not known to the model: {', '.join(extra)}; " if extra else "")
+                        + f"run: {', '.join(run_classes)} | data: {', '.join(data_classes)}")
+
+
+def _leak_flags(run_dir, index, records) -> list[bool]:
+    """Which records leaked into Train, from the run's own audit when it audited this data, else a fresh audit."""
+    import csv as csv_module
+
+    from melanoma.data import display_name
+
+    manifest_path = run_dir / "audit" / "clean_manifest.csv"
+    rows = {}
+    if manifest_path.is_file():
+        with open(manifest_path, newline="", encoding="utf-8") as handle:
+            rows = {row["path"]: row for row in csv_module.DictReader(handle)}
+    if not all(display_name(r.rel_path) in rows for r in records):
+        from melanoma.audit import run_audit
+
+        rows = {row["path"]: row for row in run_audit(index).manifest}
+    return [bool(int(rows[display_name(r.rel_path)]["leaked"])) for r in records]
+
+
+def _log_evaluation(report: dict, out_dir, log) -> None:
+    for subset in ("all", "clean"):
+        m = report[subset]
+        ci = m.get("ci", {})
+        parts = [f"{subset} (n={m['n']}): balanced accuracy {_with_ci(ci, 'balanced_accuracy', m['balanced_accuracy'])}",
+                 f"macro F1 {m['macro_f1']:.3f}"]
+        if "melanoma" in m:
+            parts.append(f"melanoma AUC {_with_ci(ci, 'melanoma_auc', m['melanoma']['auc'])}")
+            if m["melanoma"].get("sensitivity") is not None:
+                parts.append(f"sensitivity {_with_ci(ci, 'melanoma_sensitivity', m['melanoma']['sensitivity'])} / "
+                             f"specificity {_with_ci(ci, 'melanoma_specificity', m['melanoma']['specificity'])} "
+                             f"at threshold {report['alert_threshold']:.3f}")
+        log("  " + ", ".join(parts))
+    log(f"wrote {out_dir}")
+
+
+def _with_ci(ci: dict, name: str, value) -> str:
+    if value is None:
+        return "n/a"
+    bounds = ci.get(name)
+    if not bounds or bounds["low"] is None:
+        return f"{value:.3f}"
+    return f"{value:.3f} [{bounds['low']:.3f}, {bounds['high']:.3f}]"

@@ -39,7 +39,15 @@ def experiment_config(base: TrainConfig, experiment: SeedExperiment, protocol: s
                       epochs: int | None) -> TrainConfig:
     return replace(base, out=str(out / f"{experiment.name}-{protocol}"), model=experiment.model, recipe="seed",
                    preset=experiment.preset, balance=experiment.balance, epochs=epochs or experiment.epochs,
-                   protocol=protocol, clean=protocol == "leak-free", resume=_unfinished(out, experiment, protocol))
+                   protocol=protocol, clean=protocol == "leak-free", resume=_unfinished(out, experiment, protocol),
+                   overwrite=base.overwrite or _never_started(out, experiment, protocol))
+
+
+def _never_started(out: Path, experiment: SeedExperiment, protocol: str) -> bool:
+    """A run folder left by a start that died before its first checkpoint holds nothing worth keeping."""
+    run_dir = out / f"{experiment.name}-{protocol}"
+    return run_dir.exists() and not (run_dir / "checkpoints" / "last.ckpt").is_file() \
+        and not (run_dir / "metrics.json").is_file()
 
 
 def _unfinished(out: Path, experiment: SeedExperiment, protocol: str) -> bool:

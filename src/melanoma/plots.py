@@ -74,3 +74,53 @@ def training_curves_figure(history: Sequence[dict], title: str = "") -> Figure:
     if title:
         figure.suptitle(title)
     return figure
+
+
+def confusion_figure(confusion: Sequence[Sequence[int]], classes: Sequence[str], title: str = "") -> Figure:
+    """Counts and row-normalised (recall) confusion matrices side by side."""
+    counts = np.asarray(confusion, dtype=float)
+    rows = counts.sum(axis=1, keepdims=True)
+    normalised = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
+    short = [c if len(c) < 14 else c[:12] + "…" for c in classes]
+    figure = Figure(figsize=(15, 6.5))
+    for position, (matrix, label, fmt) in enumerate(((counts, "counts", "{:.0f}"),
+                                                     (normalised, "row-normalised (recall)", "{:.2f}"))):
+        axes = figure.add_subplot(1, 2, position + 1)
+        axes.imshow(matrix, cmap="Blues", vmin=0, vmax=matrix.max() or 1)
+        for i in range(len(classes)):
+            for j in range(len(classes)):
+                axes.text(j, i, fmt.format(matrix[i, j]), ha="center", va="center", fontsize=7,
+                          color="white" if matrix[i, j] > 0.6 * (matrix.max() or 1) else "black")
+        axes.set_xticks(range(len(classes)), short, rotation=45, ha="right", fontsize=8)
+        axes.set_yticks(range(len(classes)), short, fontsize=8)
+        axes.set_xlabel("predicted")
+        axes.set_ylabel("true")
+        axes.set_title(label)
+    if title:
+        figure.suptitle(title)
+    return figure
+
+
+def roc_pr_figures(labels: np.ndarray, probabilities: np.ndarray, classes: Sequence[str]) -> tuple[Figure, Figure]:
+    """One-vs-rest ROC curves (with AUC) and precision-recall curves (with AP) for every class present."""
+    from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
+
+    roc, pr = Figure(figsize=(7, 6)), Figure(figsize=(7, 6))
+    roc_axes, pr_axes = roc.add_subplot(), pr.add_subplot()
+    for index, name in enumerate(classes):
+        positive = np.asarray(labels) == index
+        if not positive.any() or positive.all():
+            continue
+        width = 2.5 if name == "melanoma" else 1.2
+        fpr, tpr, _ = roc_curve(positive, probabilities[:, index])
+        roc_axes.plot(fpr, tpr, linewidth=width, label=f"{name} (AUC {auc(fpr, tpr):.2f})")
+        precision, recall, _ = precision_recall_curve(positive, probabilities[:, index])
+        pr_axes.plot(recall, precision, linewidth=width,
+                     label=f"{name} (AP {average_precision_score(positive, probabilities[:, index]):.2f})")
+    roc_axes.plot([0, 1], [0, 1], "k--", linewidth=0.8)
+    roc_axes.set(xlabel="false positive rate", ylabel="true positive rate (sensitivity)", title="ROC, one vs rest")
+    pr_axes.set(xlabel="recall", ylabel="precision", title="Precision-recall, one vs rest")
+    for axes in (roc_axes, pr_axes):
+        axes.legend(fontsize=7, loc="lower right" if axes is roc_axes else "lower left")
+        axes.grid(alpha=0.3)
+    return roc, pr

@@ -1,0 +1,183 @@
+"""Loading a trained run and predicting: the one path used by ``melanoma predict``, ``evaluate`` and serving.
+
+A run folder carries everything a prediction needs: the model spec (architecture, input size, normalisation), the
+class names, the weights, whether to use test-time augmentation, and the melanoma alert threshold chosen on
+validation. The threshold is applied here, outside the model, so it can be changed without retraining.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from melanoma.data import (DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, MELANOMA, DataError, ImageDecodeError,
+                           decode_image, display_name, image_id_from_name)
+from melanoma.io import read_json
+from melanoma.training import BEST, CHECKPOINT_DIR, RunError, load_checkpoint, model_from_checkpoint
+
+
+@dataclass
+class Prediction:
+    image: str
+    probabilities: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    melanoma_threshold: float | None = None
+
+    @property
+    def top_class(self) -> str | None:
+        return max(self.probabilities, key=self.probabilities.get) if self.probabilities else None
+
+    @property
+    def melanoma_probability(self) -> float | None:
+        return self.probabilities.get(MELANOMA)
+
+    @property
+    def melanoma_alert(self) -> bool | None:
+        if self.melanoma_probability is None or self.melanoma_threshold is None:
+            return None
+        return self.melanoma_probability >= self.melanoma_threshold
+
+
+@dataclass
+class Run:
+    """A trained run folder, loaded for prediction."""
+
+    path: Path
+    model: object
+    image_size: int
+    classes: list[str]
+    tta: bool
+    threshold: float | None
+    config: dict
+    backend: str = "torch"          # torch | onnx
+    session: object = None          # the onnxruntime session when backend == "onnx"
+    calibration: dict | None = None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, threshold: float | None = None, backend: str = "auto") -> "Run":
+        """Load a run; ``backend`` auto uses onnxruntime when the run has model.onnx, PyTorch otherwise."""
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise RunError(f"{display_name(path)}: not a run folder (no config.json)")
+        checkpoint = path / CHECKPOINT_DIR / BEST
+        if not checkpoint.is_file():
+            raise RunError(f"{display_name(path)}: the run has no checkpoint ({CHECKPOINT_DIR}/{BEST}); "
+                           "did training finish an epoch?")
+        payload = load_checkpoint(checkpoint)
+        model, spec = model_from_checkpoint(payload)
+        config = read_json(path / "config.json")
+        metrics = read_json(path / "metrics.json") if (path / "metrics.json").is_file() else {}
+        alert = metrics.get("alert") or {}
+        run = cls(path=path, model=model, image_size=spec.image_size, classes=list(payload["classes"]),
+                  tta=bool(config["config"].get("tta")), config=config, calibration=metrics.get("calibration"),
+                  threshold=threshold if threshold is not None else alert.get("threshold"))
+        if run.calibration is None:
+            warnings.warn(f"{display_name(path)} has no calibration (metrics.json without a temperature); "
+                          "predicting with uncalibrated probabilities", stacklevel=2)
+        onnx_path = path / "model.onnx"
+        if backend == "onnx" or (backend == "auto" and onnx_path.is_file()):
+            from melanoma.export import load_onnx_session
+
+            if not onnx_path.is_file():
+                raise RunError(f"{display_name(path)}: no model.onnx; run `melanoma export {display_name(path)}`")
+            run.session = load_onnx_session(onnx_path, run.classes, run.image_size)
+            run.backend = "onnx"
+        return run
+
+    @property
+    def temperature(self) -> float:
+        return float(self.calibration["temperature"]) if self.calibration else 1.0
+
+    def probabilities(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """Calibrated class probabilities (the run's temperature applied) from either backend."""
+        from melanoma.calibration import apply_temperature
+        from melanoma.evaluation import predict_probabilities, probabilities_with
+
+        if self.backend == "onnx":
+            forward = lambda pixels: self.session.run(None, {"pixels": pixels.numpy()})[0]  # noqa: E731
+            raw = probabilities_with(forward, images, self.image_size, batch_size=batch_size, tta=self.tta)
+        else:
+            raw = predict_probabilities(self.model, images, self.image_size, batch_size=batch_size, tta=self.tta)
+        return apply_temperature(raw, self.temperature) if self.temperature != 1.0 else raw
+
+    def predict_files(self, sources: Sequence[tuple[str, str | os.PathLike | bytes]], batch_size: int = 32,
+                      progress: Callable[[Iterable, int], Iterable] | None = None,
+                      max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Prediction]:
+        """Predict (name, path-or-bytes) pairs; an unreadable image gives a row with its error, the rest go on."""
+        from melanoma.data import resize_pixels
+
+        results: list[Prediction] = []
+        chunks = range(0, len(sources), batch_size)
+        for start in (progress(chunks, len(chunks)) if progress else chunks):
+            names, pixels, rows = [], [], []
+            for name, source in sources[start:start + batch_size]:
+                row = Prediction(image=name, melanoma_threshold=self.threshold)
+                rows.append(row)
+                try:
+                    decoded = decode_image(source, max_pixels=max_pixels, name=name)
+                except (ImageDecodeError, OSError) as exc:
+                    row.error = str(exc) if isinstance(exc, ImageDecodeError) else f"{name}: {exc}"
+                    continue
+                names.append(row)
+                pixels.append(resize_pixels(decoded.pixels, self.image_size))
+            if pixels:
+                probs = self.probabilities(np.stack(pixels), batch_size=batch_size)
+                for row, values in zip(names, probs):
+                    row.probabilities = {c: float(p) for c, p in zip(self.classes, values)}
+            results.extend(rows)
+        return results
+
+
+def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[tuple[str, Path]]:
+    """Images from files, folders (recursively) and CSV manifests (column ``image``), as (name, path) pairs."""
+    found: list[tuple[str, Path]] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found += [(display_name(p.relative_to(item)), p) for p in sorted(item.rglob("*"))
+                      if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
+        elif item.suffix.lower() == ".csv" and item.is_file():
+            found += _manifest_inputs(item)
+        elif item.exists():
+            found.append((display_name(item.name), item))
+        else:
+            raise DataError(f"{display_name(item)}: no such file or folder")
+    if not found:
+        raise DataError("no images found in: " + ", ".join(display_name(i) for i in inputs))
+    return found
+
+
+def _manifest_inputs(manifest: Path) -> list[tuple[str, Path]]:
+    with open(manifest, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or "image" not in rows[0]:
+        raise DataError(f"{display_name(manifest)}: a prediction manifest needs an 'image' column")
+    found = []
+    for row in rows:
+        image = row["image"].strip()
+        path = Path(image) if Path(image).is_absolute() else manifest.parent / image
+        if not path.suffix:
+            path = next((path.with_suffix(s) for s in (".jpg", ".jpeg", ".png") if path.with_suffix(s).is_file()),
+                        path)
+        found.append((image, path))
+    return found
+
+
+def prediction_rows(predictions: Sequence[Prediction], classes: Sequence[str]) -> list[dict]:
+    """The ISIC-submission layout: ``image`` (ISIC id or stem), one column per class, then our extras."""
+    rows = []
+    for p in predictions:
+        row = {"image": image_id_from_name(Path(p.image).name)}
+        row.update({c: (f"{p.probabilities[c]:.6f}" if p.probabilities else "") for c in classes})
+        row.update({"melanoma_alert": "" if p.melanoma_alert is None else int(p.melanoma_alert),
+                    "top_class": p.top_class or "", "file": p.image, "error": p.error or ""})
+        rows.append(row)
+    return rows
+
+
+def prediction_columns(classes: Sequence[str]) -> list[str]:
+    return ["image", *classes, "melanoma_alert", "top_class", "file", "error"]

@@ -1,0 +1,257 @@
+"""``report.html``: one self-contained page per run (figures embedded as PNG data URIs), readable offline and printable.
+
+Sections: headline Test metrics with 95% CIs, the data (counts, what the audit flagged, what training dropped),
+training curves, confusion matrix, ROC, the per-class table (recall with Wilson 95% intervals), the most confidently
+misclassified Test images, and the resolved config.
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+
+from melanoma.io import atomic_write_text, read_json
+
+STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
+color:#1b1f23;line-height:1.45}
+h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.92em}th,td{border:1px solid #ccc;padding:.25em .6em;
+text-align:right}th:first-child,td:first-child{text-align:left}thead th{background:#f3f4f6}
+figure{margin:.6em 0}figure img{max-width:100%;border:1px solid #eee}.note{color:#555;font-size:.9em}
+.banner{background:#fff4e5;border:1px solid #f0b86e;padding:.6em 1em;border-radius:6px}
+.gallery{display:flex;flex-wrap:wrap;gap:.8em}.gallery figure{width:200px;font-size:.8em}
+pre{background:#f6f8fa;padding:.8em;overflow:auto;font-size:.8em}
+@media print{body{max-width:none}.gallery figure{break-inside:avoid}}
+"""
+
+
+def png_data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def array_data_uri(pixels: np.ndarray) -> str:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def wilson_interval(hits: int, total: int, z: float = 1.96) -> tuple[float, float] | None:
+    """95% Wilson score interval of a proportion: sound for the small per-class counts of this Test set."""
+    if total == 0:
+        return None
+    p = hits / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def write_run_report(run_dir: str | Path, gallery_size: int = 12) -> Path:
+    """Build RUN/report.html from the files a run already holds (plus the evaluation figures it makes if missing)."""
+    run_dir = Path(run_dir)
+    config = read_json(run_dir / "config.json")
+    metrics = read_json(run_dir / "metrics.json")
+    data = read_json(run_dir / "data.json")
+    figures = _figures(run_dir, config, metrics)
+    sections = [
+        f"<h1>melanoma run: {html.escape(run_dir.name)}</h1>",
+        f"<p class='note'>{html.escape(config['model']['name'])}, recipe {html.escape(str(config['config'].get('recipe')))}"
+        f", seed {config['config']['seed']}. Command: <code>{html.escape(config.get('command', ''))}</code></p>",
+        "<p class='banner'>Research tool, not a medical device. Test images are only scored, never used to choose "
+        "anything; the melanoma alert threshold was chosen on the validation split.</p>",
+        _headline_section(metrics),
+        _data_section(run_dir, data),
+        _figure_section("Training curves", figures.get("curves")),
+        _figure_section("Confusion matrix (Test, all images)", figures.get("confusion")),
+        _figure_section("ROC curves, one vs rest (Test, all images)", figures.get("roc")),
+        _per_class_section(metrics, config["classes"]),
+        _gallery_section(run_dir, config, gallery_size),
+        "<h2>Configuration</h2><pre>" + html.escape(_pretty(config)) + "</pre>",
+    ]
+    page = ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>melanoma run report</title>"
+            f"<style>{STYLE}</style></head><body>" + "\n".join(s for s in sections if s) + "</body></html>\n")
+    return atomic_write_text(run_dir / "report.html", page)
+
+
+def _pretty(payload) -> str:
+    import json
+
+    return json.dumps(payload, indent=2)
+
+
+def _figures(run_dir: Path, config: dict, metrics: dict) -> dict[str, Path]:
+    from melanoma.io import save_figure
+    from melanoma.plots import confusion_figure, roc_pr_figures
+
+    figures = {"curves": run_dir / "curves.png"} if (run_dir / "curves.png").is_file() else {}
+    if "test" not in metrics:
+        return figures
+    classes = config["classes"]
+    confusion = run_dir / "confusion.png"
+    save_figure(confusion_figure(metrics["test"]["all"]["confusion_matrix"], classes, "Test"), confusion)
+    figures["confusion"] = confusion
+    labels, probs, _, _ = _test_predictions(run_dir, classes)
+    if len(labels):
+        roc, _ = roc_pr_figures(labels, probs, classes)
+        save_figure(roc, run_dir / "roc.png")
+        figures["roc"] = run_dir / "roc.png"
+    return figures
+
+
+def _test_predictions(run_dir: Path, classes: list[str]):
+    path = run_dir / "test_predictions.csv"
+    if not path.is_file():
+        return np.zeros(0, dtype=int), np.zeros((0, len(classes))), [], []
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    labels = np.asarray([classes.index(r["label"]) for r in rows])
+    probs = np.asarray([[float(r[c]) for c in classes] for r in rows])
+    return labels, probs, [r["image"] for r in rows], [int(r["leaked"]) for r in rows]
+
+
+def _headline_section(metrics: dict) -> str:
+    if "test" not in metrics:
+        return "<h2>Results</h2><p>No Test split was scored.</p>"
+    alert = metrics.get("alert") or {}
+    rows = []
+    for subset in ("all", "clean"):
+        test = metrics["test"][subset]
+        ci = test.get("ci", {})
+        cells = [f"{subset} (n={test['n']})"]
+        for name in ("balanced_accuracy", "macro_f1", "melanoma_auc", "melanoma_sensitivity", "melanoma_specificity"):
+            cells.append(_ci_cell(ci.get(name)))
+        cells.append(f"{test['accuracy']:.3f}")
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    threshold = f"{alert['threshold']:.3f}" if alert.get("threshold") is not None else "n/a"
+    return ("<h2>Results on Test (95% stratified-bootstrap CIs)</h2><table><thead><tr><th>Test images</th>"
+            "<th>balanced accuracy</th><th>macro F1</th><th>melanoma AUC</th><th>melanoma sensitivity</th>"
+            "<th>melanoma specificity</th><th>accuracy</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
+            f"<p class='note'>'clean' = Test images the audit did not find leaked into Train. Sensitivity and "
+            f"specificity are at the melanoma alert threshold {threshold}, chosen on validation for sensitivity "
+            f"{alert.get('target_sensitivity', 'n/a')}. Best epoch {metrics.get('best_epoch')} of "
+            f"{metrics.get('epochs_run')}; test-time augmentation {'on' if metrics.get('tta') else 'off'}.</p>")
+
+
+def _ci_cell(interval: dict | None) -> str:
+    if not interval or interval.get("value") is None:
+        return "n/a"
+    if interval.get("low") is None:
+        return f"{interval['value']:.3f}"
+    return f"{interval['value']:.3f} <span class='note'>[{interval['low']:.2f}, {interval['high']:.2f}]</span>"
+
+
+def _data_section(run_dir: Path, data: dict) -> str:
+    classes = list(data["train_counts"])
+    rows = "".join(f"<tr><td>{html.escape(c)}</td><td>{data['train_counts'][c]}</td><td>{data['val_counts'][c]}</td>"
+                   f"<td>{data['test_counts'][c]}</td></tr>" for c in classes)
+    dropped = ", ".join(f"{v} {html.escape(k)}" for k, v in data["dropped"].items()) or "nothing"
+    audit = run_dir / "audit" / "audit.json"
+    flagged = ""
+    if audit.is_file():
+        summary = read_json(audit)["summary"]
+        flagged = (f"<p>The audit found {summary['image_ids_in_several_classes']} image ids filed under two classes, "
+                   f"{summary['leaked_heldout_images']} Test images leaked into Train {summary['leaks_by_reason']}, "
+                   f"and {summary['truth_disagreements'] if summary['truth_disagreements'] is not None else 'n/a'} "
+                   "folder labels contradicted by official ISIC truth (details in <code>audit/audit.md</code>).</p>")
+    cleaning = "used the audit clean-up" if data["cleaned"] else "used the folders as they are (--no-clean)"
+    return (f"<h2>Data</h2>{flagged}<p>Training {cleaning}: dropped {dropped}; relabelled {data['relabelled']}. Protocol "
+            f"{html.escape(data['protocol'])}, balancing {html.escape(data['balance'])} "
+            f"({data['expanded_copies']} generated copies).</p><table><thead><tr><th>class</th><th>train</th>"
+            f"<th>validation</th><th>Test</th></tr></thead><tbody>{rows}</tbody></table>")
+
+
+def _figure_section(title: str, path: Path | None) -> str:
+    if path is None or not path.is_file():
+        return ""
+    return f"<h2>{html.escape(title)}</h2><figure><img alt='{html.escape(title)}' src='{png_data_uri(path)}'></figure>"
+
+
+def _per_class_section(metrics: dict, classes: list[str]) -> str:
+    if "test" not in metrics:
+        return ""
+    per_class = metrics["test"]["all"]["per_class"]
+    confusion = np.asarray(metrics["test"]["all"]["confusion_matrix"])
+    rows = []
+    for index, name in enumerate(classes):
+        stats = per_class[name]
+        interval = wilson_interval(int(confusion[index, index]), int(stats["support"]))
+        recall = f"{stats['recall']:.2f}" + (f" <span class='note'>[{interval[0]:.2f}, {interval[1]:.2f}]</span>"
+                                             if interval else "")
+        rows.append(f"<tr><td>{html.escape(name)}</td><td>{stats['precision']:.2f}</td><td>{recall}</td>"
+                    f"<td>{stats['f1']:.2f}</td><td>{stats['support']}</td></tr>")
+    return ("<h2>Per class (Test, all images)</h2><table><thead><tr><th>class</th><th>precision</th>"
+            "<th>recall [95% Wilson]</th><th>F1</th><th>support</th></tr></thead><tbody>" + "".join(rows)
+            + "</tbody></table>")
+
+
+def _gallery_section(run_dir: Path, config: dict, size: int) -> str:
+    """The most confidently wrong Test predictions, with their true and predicted labels."""
+    from melanoma.data import decode_image
+
+    classes = config["classes"]
+    labels, probs, images, leaked = _test_predictions(run_dir, classes)
+    if not len(labels):
+        return ""
+    predicted = probs.argmax(axis=1)
+    wrong = np.flatnonzero(predicted != labels)
+    wrong = wrong[np.argsort(-probs[wrong, predicted[wrong]])][:size]
+    root = Path(config["config"]["data"])
+    cards = []
+    for i in wrong:
+        path = root / images[i]
+        try:
+            uri = array_data_uri(decode_image(path).pixels)
+        except Exception:  # a moved or unreadable file should not sink the whole report
+            continue
+        cards.append(f"<figure><img alt='{html.escape(images[i])}' src='{uri}'><figcaption>"
+                     f"<b>true</b> {html.escape(classes[labels[i]])}<br><b>predicted</b> "
+                     f"{html.escape(classes[predicted[i]])} ({probs[i, predicted[i]]:.2f})"
+                     f"{' · leaked' if leaked[i] else ''}<br><span class='note'>{html.escape(images[i])}</span>"
+                     "</figcaption></figure>")
+    if not cards:
+        return ""
+    return ("<h2>Most confidently misclassified Test images</h2><div class='gallery'>" + "".join(cards) + "</div>")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# melanoma compare RUN RUN...
+
+COMPARE_METRICS = ("balanced_accuracy", "macro_f1", "melanoma_auc", "melanoma_sensitivity", "melanoma_specificity")
+
+
+def compare_runs(runs: list[str], subset: str = "clean") -> tuple[list[dict], str]:
+    """Headline Test metrics (with CIs) of several runs: rows, and a markdown table."""
+    rows = []
+    for run in runs:
+        run_dir = Path(run)
+        if not (run_dir / "metrics.json").is_file():
+            raise FileNotFoundError(f"{run}: no metrics.json (not a finished run folder)")
+        metrics = read_json(run_dir / "metrics.json")
+        config = read_json(run_dir / "config.json")
+        test = metrics.get("test", {}).get(subset)
+        row = {"run": run_dir.name, "model": config["model"]["name"], "n": test["n"] if test else 0}
+        for name in COMPARE_METRICS:
+            interval = (test or {}).get("ci", {}).get(name) or {}
+            row[name] = interval.get("value")
+            row[f"{name}_ci"] = (interval.get("low"), interval.get("high"))
+        rows.append(row)
+    header = "| run | model | n | " + " | ".join(n.replace("_", " ") for n in COMPARE_METRICS) + " |"
+    lines = [header, "|---|---|---:|" + "---:|" * len(COMPARE_METRICS)]
+    for row in rows:
+        cells = [_plain_ci(row[n], row[f"{n}_ci"]) for n in COMPARE_METRICS]
+        lines.append(f"| {row['run']} | {row['model']} | {row['n']} | " + " | ".join(cells) + " |")
+    return rows, "\n".join(lines) + "\n"
+
+
+def _plain_ci(value, interval) -> str:
+    if value is None:
+        return "n/a"
+    low, high = interval
+    return f"{value:.3f}" if low is None else f"{value:.3f} [{low:.2f}, {high:.2f}]"

@@ -1,0 +1,64 @@
+"""ONNX export: parity with PyTorch, metadata, the onnxruntime predictor, and an ONNX file that does not match."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from melanoma.cli import main as cli_main
+from melanoma.inference import Run
+from melanoma.training import RunError, TrainConfig, train
+from test_training import CLASSES, _tiny_dataset
+
+onnx = pytest.importorskip("onnx")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    data = _tiny_dataset(root / "data", per_class=6, test_per_class=2)
+    run = train(TrainConfig(data=str(data), out=str(root / "run"), model="seed-cnn", epochs=1, batch_size=8,
+                            image_size=32, progress=False, threads=1, bootstrap=0, tta=True), log=lambda *_: None)
+    assert cli_main(["export", str(run)]) == 0
+    return data, run
+
+
+def test_export_writes_a_verified_model_with_metadata(exported):
+    _, run = exported
+    model = onnx.load(str(run / "model.onnx"))
+    metadata = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(metadata["classes"]) == list(CLASSES) and metadata["image_size"] == "32"
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+
+
+def test_onnx_and_pytorch_predict_the_same(exported):
+    data, run = exported
+    images = np.random.default_rng(0).integers(0, 255, (5, 40, 40, 3), dtype=np.uint8)
+    torch_run, onnx_run = Run.load(run, backend="torch"), Run.load(run)
+    assert onnx_run.backend == "onnx" and torch_run.backend == "torch"
+    assert np.abs(torch_run.probabilities(images) - onnx_run.probabilities(images)).max() < 1e-4
+    files = [(p.name, p) for p in sorted((data / "Test" / "melanoma").iterdir())]
+    a, b = torch_run.predict_files(files), onnx_run.predict_files(files)
+    assert [x.top_class for x in a] == [x.top_class for x in b]
+
+
+def test_an_onnx_file_from_another_run_is_refused(exported, tmp_path):
+    _, run = exported
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    model = onnx.load(str(other / "model.onnx"))
+    for prop in model.metadata_props:
+        if prop.key == "classes":
+            prop.value = json.dumps(["a", "b", "c"])
+    onnx.save(model, str(other / "model.onnx"))
+    with pytest.raises(RunError, match="does not match its run"):
+        Run.load(other)
+    (other / "model.onnx").write_bytes(b"garbage")
+    with pytest.raises(RunError, match="not a loadable ONNX model"):
+        Run.load(other)
+    (other / "model.onnx").unlink()
+    with pytest.raises(RunError, match="no model.onnx"):
+        Run.load(other, backend="onnx")
+    assert Run.load(other).backend == "torch"

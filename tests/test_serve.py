@@ -1,0 +1,165 @@
+"""Serving: every endpoint and error through FastAPI's TestClient, the busy gate, and a real uvicorn server."""
+from __future__ import annotations
+
+import asyncio
+import io
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import jpeg_bytes, lesion_image
+from melanoma.inference import Run
+from melanoma.serve import ServeConfig, create_app
+from melanoma.training import TrainConfig, train
+from test_training import CLASSES, _tiny_dataset
+
+fastapi = pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    data = _tiny_dataset(root / "data", per_class=6, test_per_class=1)
+    path = train(TrainConfig(data=str(data), out=str(root / "run"), model="seed-cnn", epochs=1, batch_size=8,
+                             image_size=32, progress=False, threads=1, bootstrap=0), log=lambda *_: None)
+    return Run.load(path)
+
+
+@pytest.fixture(scope="module")
+def client(run):
+    return TestClient(create_app(run, ServeConfig(max_upload_bytes=200_000)))
+
+
+def _files(*payloads: bytes):
+    return [("files", (f"img{i}.jpg", payload, "image/jpeg")) for i, payload in enumerate(payloads)]
+
+
+def test_health_and_model_card(client, run):
+    assert client.get("/health").json() == {"status": "ok"}
+    card = client.get("/v1/model").json()
+    assert card["classes"] == list(CLASSES) and card["alert_threshold"] == run.threshold
+    assert "not a medical device" in card["model_card"]
+    assert "/v1/predict" in client.get("/openapi.json").json()["paths"]
+
+
+def test_predict_one_and_several_images(client, run):
+    response = client.post("/v1/predict", files=_files(jpeg_bytes(lesion_image(1)), jpeg_bytes(lesion_image(2))))
+    assert response.status_code == 200
+    results = response.json()["results"]
+    assert len(results) == 2
+    for result in results:
+        assert set(result["probabilities"]) == set(CLASSES)
+        assert abs(sum(result["probabilities"].values()) - 1) < 1e-4
+        assert result["melanoma_alert"] == (result["melanoma_probability"] >= run.threshold)
+        assert result["top_class"] == max(result["probabilities"], key=result["probabilities"].get)
+
+
+def test_predict_with_gradcam_overlay(client):
+    result = client.post("/v1/predict?explain=true", files=_files(jpeg_bytes(lesion_image(3)))).json()["results"][0]
+    import base64
+
+    overlay = Image.open(io.BytesIO(base64.b64decode(result["gradcam_png_base64"])))
+    assert overlay.format == "PNG" and overlay.size == (64, 64)
+
+
+def test_oversized_upload_is_413(client):
+    big = np.random.default_rng(0).integers(0, 255, (400, 400, 3), dtype=np.uint8)
+    payload = jpeg_bytes(big, quality=100)
+    assert len(payload) > 200_000
+    response = client.post("/v1/predict", files=_files(payload))
+    assert response.status_code == 413 and "limit" in response.json()["detail"]
+
+
+def test_non_image_is_415_and_bomb_is_422(client):
+    response = client.post("/v1/predict", files=[("files", ("notes.jpg", b"just text", "image/jpeg"))])
+    assert response.status_code == 415 and "not an image" in response.json()["detail"]
+    buffer = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(buffer, format="PNG")
+    response = client.post("/v1/predict", files=[("files", ("bomb.png", buffer.getvalue(), "image/png"))])
+    assert response.status_code == 422 and "decompression bomb" in response.json()["detail"]
+    assert client.post("/v1/predict").status_code == 422  # no files at all
+
+
+def test_client_file_names_never_reach_the_filesystem(client, tmp_path):
+    response = client.post("/v1/predict", files=[("files", ("../../etc/passwd", jpeg_bytes(lesion_image(4)),
+                                                            "image/jpeg"))])
+    assert response.status_code == 200 and "passwd" not in response.text
+
+
+def test_bearer_token(run):
+    guarded = TestClient(create_app(run, ServeConfig(token="s3cret")))
+    assert guarded.get("/health").status_code == 200
+    assert guarded.get("/v1/model").status_code == 401
+    assert guarded.get("/v1/model", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert guarded.get("/v1/model", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    files = _files(jpeg_bytes(lesion_image(5)))
+    assert guarded.post("/v1/predict", files=files).status_code == 401
+
+
+def test_page_is_served_without_external_resources(client):
+    page = client.get("/")
+    assert page.status_code == 200 and "not a medical device" in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # no CDN: these machines have no internet
+
+
+class _SlowRun:
+    """Wraps a run so that each inference takes a while, to fill the gate."""
+
+    def __init__(self, run, seconds: float):
+        self.__dict__.update(run.__dict__)
+        self._run, self._seconds = run, seconds
+
+    def probabilities(self, images, batch_size: int = 32):
+        time.sleep(self._seconds)
+        return self._run.probabilities(images, batch_size)
+
+
+def test_busy_server_answers_503_with_retry_after(run):
+    import httpx
+
+    app = create_app(_SlowRun(run, 0.6), ServeConfig(max_concurrent=1, queue_size=0, retry_after_s=3))
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            first = asyncio.create_task(http.post("/v1/predict", files=_files(jpeg_bytes(lesion_image(6)))))
+            await asyncio.sleep(0.2)
+            second = await http.post("/v1/predict", files=_files(jpeg_bytes(lesion_image(7))))
+            return await first, second
+
+    first, second = asyncio.run(scenario())
+    assert first.status_code == 200
+    assert second.status_code == 503 and second.headers["retry-after"] == "3"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_real_uvicorn_server_on_loopback(run):
+    import httpx
+    import uvicorn
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(run), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 20
+        while not server.started and time.time() < deadline:
+            time.sleep(0.05)
+        assert server.started
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=20) as http:
+            assert http.get("/health").json() == {"status": "ok"}
+            response = http.post("/v1/predict", files=_files(jpeg_bytes(lesion_image(8))))
+            assert response.status_code == 200 and response.json()["results"][0]["top_class"] in CLASSES
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
