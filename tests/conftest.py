@@ -27,7 +27,8 @@ def lesion_image(seed: int, size: int = 64) -> np.ndarray:
         cy, cx, radius = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.08, 0.3)
         blob = np.exp(-(((yy - cy) ** 2 + (xx - cx) ** 2) / radius ** 2))
         image -= blob[..., None] * rng.uniform(40, 120, size=3)
-    image += rng.normal(0, 12, size=(size // 8, size // 8, 3)).repeat(8, 0).repeat(8, 1)
+    cells = -(-size // 8)
+    image += rng.normal(0, 12, size=(cells, cells, 3)).repeat(8, 0).repeat(8, 1)[:size, :size]
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
