@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import io
+import socket
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -56,3 +60,56 @@ def make_tree(tmp_path):
                 save_image(folder / name, pixels, quality=92)
         return root
     return build
+
+
+CLASSES = ("melanoma", "nevus", "vascular lesion")
+
+
+def tiny_dataset(root: Path, per_class: int = 10, test_per_class: int = 3) -> Path:
+    for index, label in enumerate(CLASSES):
+        for i in range(per_class):
+            seed = 1000 * index + i
+            save_image(root / "Train" / label / f"ISIC_{seed:07d}.jpg", lesion_image(seed, 40), quality=92)
+        for i in range(test_per_class):
+            seed = 1000 * index + 500 + i
+            save_image(root / "Test" / label / f"ISIC_{seed:07d}.jpg", lesion_image(seed, 40), quality=92)
+    # dirt: a Test image copied into Train under another class
+    leaked = root / "Test" / "melanoma" / "ISIC_0000500.jpg"
+    (root / "Train" / "nevus" / "ISIC_0000500.jpg").write_bytes(leaked.read_bytes())
+    return root
+
+
+def train_tiny_run(root: Path, per_class: int = 6, test_per_class: int = 2, **overrides):
+    """A tiny dataset under ``root`` and a seed-cnn run trained on it at 32 px: (data folder, run folder)."""
+    from melanoma.training import TrainConfig, train
+
+    data = tiny_dataset(root / "data", per_class=per_class, test_per_class=test_per_class)
+    settings = dict(model="seed-cnn", epochs=1, batch_size=8, image_size=32, progress=False, threads=1, bootstrap=0)
+    config = TrainConfig(data=str(data), out=str(root / "run"), **(settings | overrides))
+    return data, train(config, log=lambda *_: None)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def uvicorn_server(app):
+    """A real uvicorn server for ``app`` on a free loopback port, in a thread; yields its base URL."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 20
+        while not server.started and time.time() < deadline:
+            time.sleep(0.05)
+        assert server.started, "uvicorn did not start"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

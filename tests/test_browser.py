@@ -7,17 +7,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import lesion_image, save_image
+from conftest import CLASSES, lesion_image, save_image, train_tiny_run, uvicorn_server
 from melanoma.inference import Run
-from melanoma.training import TrainConfig, train
-from test_training import CLASSES, _tiny_dataset
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="Debian chromium/chromium-driver absent")
@@ -41,10 +36,7 @@ def browser(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("browser")
-    data = _tiny_dataset(root / "data", per_class=6, test_per_class=2)
-    return train(TrainConfig(data=str(data), out=str(root / "run"), model="seed-cnn", epochs=2, batch_size=8,
-                             image_size=32, progress=False, threads=1, bootstrap=100), log=lambda *_: None)
+    return train_tiny_run(tmp_path_factory.mktemp("browser"), epochs=2, bootstrap=100)[1]
 
 
 def _screenshot(browser, name: str) -> None:
@@ -68,28 +60,13 @@ def test_report_renders_with_its_figures(browser, run_dir):
     _screenshot(browser, "report.png")
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_page_uploads_an_image_and_shows_the_result(browser, run_dir, tmp_path):
-    import uvicorn
     from selenium.webdriver.support.ui import WebDriverWait
 
     from melanoma.serve import create_app
 
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(Run.load(run_dir)), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.time() + 20
-        while not server.started and time.time() < deadline:
-            time.sleep(0.05)
-        browser.get(f"http://127.0.0.1:{port}/")
+    with uvicorn_server(create_app(Run.load(run_dir))) as base:
+        browser.get(base + "/")
         assert "not a medical device" in browser.find_element("id", "notice").text
         image = save_image(tmp_path / "lesion.jpg", lesion_image(11, 180))
         browser.find_element("id", "file").send_keys(str(image))
@@ -102,6 +79,3 @@ def test_page_uploads_an_image_and_shows_the_result(browser, run_dir, tmp_path):
         overlay = browser.find_element("id", "gradcam")
         assert browser.execute_script("return arguments[0].naturalWidth", overlay) > 0
         _screenshot(browser, "serve_page.png")
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)

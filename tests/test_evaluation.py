@@ -10,12 +10,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from conftest import lesion_image, save_image
+from conftest import CLASSES, lesion_image, save_image, train_tiny_run
 from melanoma.cli import main as cli_main
 from melanoma.data import DataError
 from melanoma.evaluation import (bootstrap_ci, compute_metrics, evaluate_run, headline, threshold_for_sensitivity)
-from melanoma.training import RunError, TrainConfig, train
-from test_training import CLASSES, _tiny_dataset
+from melanoma.training import RunError
 
 THREE = ["melanoma", "nevus", "vascular lesion"]
 
@@ -100,11 +99,7 @@ def test_threshold_reaches_the_target_sensitivity():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("evaluate")
-    data = _tiny_dataset(root / "data")
-    config = TrainConfig(data=str(data), out=str(root / "run"), model="seed-cnn", epochs=1, batch_size=8,
-                         image_size=32, progress=False, threads=1, bootstrap=50)
-    return data, train(config, log=lambda *_: None)
+    return train_tiny_run(tmp_path_factory.mktemp("evaluate"), per_class=10, test_per_class=3, bootstrap=50)
 
 
 def test_evaluate_writes_metrics_plots_and_predictions(trained, tmp_path):

@@ -9,18 +9,15 @@ import pytest
 
 from melanoma.cli import main as cli_main
 from melanoma.inference import Run
-from melanoma.training import RunError, TrainConfig, train
-from test_training import CLASSES, _tiny_dataset
+from conftest import CLASSES, train_tiny_run
+from melanoma.training import RunError
 
 onnx = pytest.importorskip("onnx")
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export")
-    data = _tiny_dataset(root / "data", per_class=6, test_per_class=2)
-    run = train(TrainConfig(data=str(data), out=str(root / "run"), model="seed-cnn", epochs=1, batch_size=8,
-                            image_size=32, progress=False, threads=1, bootstrap=0, tta=True), log=lambda *_: None)
+    data, run = train_tiny_run(tmp_path_factory.mktemp("export"), tta=True)
     assert cli_main(["export", str(run)]) == 0
     return data, run
 

@@ -10,14 +10,14 @@ import torch
 
 from melanoma.evaluation import predict_probabilities
 from melanoma.models import TF_INPUT, ModelSpec, build_model
-from melanoma.training import RECIPES, TrainConfig, load_checkpoint, train
+from melanoma.training import RECIPES, TrainConfig, train
 from melanoma.weights import imagenet_state_dict
-from test_training import _tiny_dataset
+from conftest import tiny_dataset
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return _tiny_dataset(tmp_path_factory.mktemp("recipe") / "data", per_class=8, test_per_class=2)
+    return tiny_dataset(tmp_path_factory.mktemp("recipe") / "data", per_class=8, test_per_class=2)
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +32,9 @@ def _finetune(data, out, **overrides) -> TrainConfig:
 
 
 def _backbone_state(run) -> dict:
-    state = load_checkpoint(run / "checkpoints" / "best.pt")["model_state"]
-    return {k.removeprefix("network."): v for k, v in state.items() if k.startswith("network.")}
+    """The network's weights at the end of training (last.ckpt; best.pt may be an earlier epoch)."""
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    return {k.removeprefix("model.network."): v for k, v in state.items() if k.startswith("model.network.")}
 
 
 def test_head_warm_up_freezes_the_whole_backbone(tiny, tmp_path, imagenet):

@@ -3,19 +3,15 @@ from __future__ import annotations
 
 import asyncio
 import io
-import socket
-import threading
 import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import jpeg_bytes, lesion_image
+from conftest import CLASSES, jpeg_bytes, lesion_image, train_tiny_run, uvicorn_server
 from melanoma.inference import Run
 from melanoma.serve import ServeConfig, create_app
-from melanoma.training import TrainConfig, train
-from test_training import CLASSES, _tiny_dataset
 
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -23,10 +19,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    data = _tiny_dataset(root / "data", per_class=6, test_per_class=1)
-    path = train(TrainConfig(data=str(data), out=str(root / "run"), model="seed-cnn", epochs=1, batch_size=8,
-                             image_size=32, progress=False, threads=1, bootstrap=0), log=lambda *_: None)
+    _, path = train_tiny_run(tmp_path_factory.mktemp("serve"), test_per_class=1)
     return Run.load(path)
 
 
@@ -137,29 +130,10 @@ def test_busy_server_answers_503_with_retry_after(run):
     assert second.status_code == 503 and second.headers["retry-after"] == "3"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_real_uvicorn_server_on_loopback(run):
     import httpx
-    import uvicorn
 
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(run), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.time() + 20
-        while not server.started and time.time() < deadline:
-            time.sleep(0.05)
-        assert server.started
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=20) as http:
-            assert http.get("/health").json() == {"status": "ok"}
-            response = http.post("/v1/predict", files=_files(jpeg_bytes(lesion_image(8))))
-            assert response.status_code == 200 and response.json()["results"][0]["top_class"] in CLASSES
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with uvicorn_server(create_app(run)) as base, httpx.Client(base_url=base, timeout=20) as http:
+        assert http.get("/health").json() == {"status": "ok"}
+        response = http.post("/v1/predict", files=_files(jpeg_bytes(lesion_image(8))))
+        assert response.status_code == 200 and response.json()["results"][0]["top_class"] in CLASSES

@@ -15,31 +15,16 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, lesion_image, save_image
+from conftest import CLASSES, REPO, lesion_image, save_image, tiny_dataset
 from melanoma.cli import main as cli_main
 from melanoma.data import DataError
 from melanoma.training import (RunError, TrainConfig, load_checkpoint, model_from_checkpoint, prepare_data, train)
 
-CLASSES = ("melanoma", "nevus", "vascular lesion")
-
-
-def _tiny_dataset(root: Path, per_class: int = 10, test_per_class: int = 3) -> Path:
-    for index, label in enumerate(CLASSES):
-        for i in range(per_class):
-            seed = 1000 * index + i
-            save_image(root / "Train" / label / f"ISIC_{seed:07d}.jpg", lesion_image(seed, 40), quality=92)
-        for i in range(test_per_class):
-            seed = 1000 * index + 500 + i
-            save_image(root / "Test" / label / f"ISIC_{seed:07d}.jpg", lesion_image(seed, 40), quality=92)
-    # dirt: a Test image copied into Train under another class
-    leaked = root / "Test" / "melanoma" / "ISIC_0000500.jpg"
-    (root / "Train" / "nevus" / "ISIC_0000500.jpg").write_bytes(leaked.read_bytes())
-    return root
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    return _tiny_dataset(tmp_path_factory.mktemp("tiny") / "data")
+    return tiny_dataset(tmp_path_factory.mktemp("tiny") / "data")
 
 
 def _config(data: Path, out: Path, **overrides) -> TrainConfig:
@@ -192,7 +177,7 @@ def test_data_with_one_class_or_too_few_images(tmp_path):
         save_image(one / "Train" / "nevus" / f"{i}.jpg", lesion_image(i, 40))
     with pytest.raises(DataError, match="at least 2 classes"):
         train(_config(one, tmp_path / "r1"), log=lambda *_: None)
-    thin = _tiny_dataset(tmp_path / "thin", per_class=3, test_per_class=1)
+    thin = tiny_dataset(tmp_path / "thin", per_class=3, test_per_class=1)
     for path in list((thin / "Train" / "vascular lesion").iterdir())[1:]:
         path.unlink()
     with pytest.raises(DataError, match="class vascular lesion has 1 independent image"):
