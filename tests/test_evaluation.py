@@ -190,3 +190,17 @@ def test_our_scores_equal_the_official_isic_scorer(trained, tmp_path):
         row = official.per_category.loc[name] if name in official.per_category.index else \
             official.per_category.iloc[list(CLASSES).index(name)]
         assert ours["per_class"][name]["auc"] == pytest.approx(row["auc"], abs=1e-6)
+
+
+def test_compare_and_report_cli(trained, tmp_path, capsys):
+    data, run = trained
+    assert cli_main(["report", str(run)]) == 0
+    page = (run / "report.html").read_text()
+    assert "Results on Test" in page and "data:image/png;base64," in page and "Most confidently" in page
+    assert cli_main(["compare", str(run), str(run), "--out", str(tmp_path / "cmp.md")]) == 0
+    table = (tmp_path / "cmp.md").read_text().splitlines()
+    assert table[0].startswith("| run | model | n | balanced accuracy") and len(table) == 4
+    metrics = json.loads((run / "metrics.json").read_text())["test"]["clean"]
+    assert f"{metrics['balanced_accuracy']:.3f}" in table[2]
+    assert cli_main(["compare", str(tmp_path)]) == 2
+    assert "no metrics.json" in capsys.readouterr().err
