@@ -69,10 +69,12 @@ def main() -> None:
     parser.add_argument("run")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--no-tta", action="store_true", help="serve without test-time augmentation")
     parser.add_argument("--out")
     args = parser.parse_args()
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "melanoma", "serve", args.run, "--port", str(port)],
+    command = [sys.executable, "-m", "melanoma", "serve", args.run, "--port", str(port)]
+    server = subprocess.Popen(command + (["--no-tta"] if args.no_tta else []),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         import httpx
@@ -90,12 +92,12 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
-    row = {"requests": args.requests, "concurrency": args.concurrency, "seconds": round(seconds, 1),
+    row = {"requests": args.requests, "concurrency": args.concurrency, "tta": not args.no_tta, "seconds": round(seconds, 1),
            "requests_per_s": round(args.requests / seconds, 1),
            "p50_ms": round(float(np.percentile(latencies, 50)), 1),
            "p99_ms": round(float(np.percentile(latencies, 99)), 1), "errors": errors}
     print_table([row], list(row))
-    write_results("serve_load", {"run": args.run, "results": [row]}, args.out)
+    write_results(f"serve_load{'_no_tta' if args.no_tta else ''}", {"run": args.run, "results": [row]}, args.out)
 
 
 if __name__ == "__main__":

@@ -199,7 +199,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = ServeConfig(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_concurrent=args.concurrency,
                          queue_size=args.queue, token=args.token)
-    serve(args.run, host=args.host, port=args.port, config=config)
+    serve(args.run, host=args.host, port=args.port, config=config, tta=args.tta)
     return 0
 
 
@@ -360,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-upload-mb", type=float, default=10.0, help="per-image upload limit (default: 10)")
     serve.add_argument("--concurrency", type=int, default=2, help="inferences at once (default: 2)")
     serve.add_argument("--queue", type=int, default=32, help="requests that may wait before 503 (default: 32)")
+    serve.add_argument("--tta", action=argparse.BooleanOptionalAction,
+                       help="8-view test-time augmentation (default: as the run was evaluated; --no-tta is ~8x faster)")
     serve.set_defaults(func=cmd_serve)
 
     experiment = verbs.add_parser("experiment", help="reproducible studies (seed-study)",

@@ -89,12 +89,19 @@ def verify_parity(model: torch.nn.Module, onnx_bytes: bytes, image_size: int) ->
     return worst
 
 
-def load_onnx_session(path: Path, classes: list[str], image_size: int):
-    """An onnxruntime session for a run's model.onnx, refused if its metadata does not match the run."""
+def load_onnx_session(path: Path, classes: list[str], image_size: int, threads: int | None = None):
+    """An onnxruntime session for a run's model.onnx, refused if its metadata does not match the run.
+
+    ``threads``: intra-op threads per inference (serving runs one inference per core, each on one thread, instead of
+    letting concurrent inferences fight over every core)."""
     import onnxruntime
 
+    options = onnxruntime.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
     try:
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise RunError(f"{display_name(path)}: not a loadable ONNX model ({exc})") from exc
     metadata = session.get_modelmeta().custom_metadata_map

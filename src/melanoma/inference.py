@@ -59,7 +59,8 @@ class Run:
     calibration: dict | None = None
 
     @classmethod
-    def load(cls, path: str | os.PathLike, threshold: float | None = None, backend: str = "auto") -> "Run":
+    def load(cls, path: str | os.PathLike, threshold: float | None = None, backend: str = "auto",
+             threads: int | None = None) -> "Run":
         """Load a run; ``backend`` auto uses onnxruntime when the run has model.onnx, PyTorch otherwise."""
         path = Path(path)
         if not (path / "config.json").is_file():
@@ -85,7 +86,7 @@ class Run:
 
             if not onnx_path.is_file():
                 raise RunError(f"{display_name(path)}: no model.onnx; run `melanoma export {display_name(path)}`")
-            run.session = load_onnx_session(onnx_path, run.classes, run.image_size)
+            run.session = load_onnx_session(onnx_path, run.classes, run.image_size, threads)
             run.backend = "onnx"
         return run
 

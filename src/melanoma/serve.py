@@ -208,11 +208,18 @@ def model_card(run) -> dict:
             "model_card": card}
 
 
-def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, config: ServeConfig | None = None) -> None:
+def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, config: ServeConfig | None = None,
+          tta: bool | None = None) -> None:
     import uvicorn
 
     from melanoma.inference import Run
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    app = create_app(Run.load(run_dir), config)
+    config = config or ServeConfig()
+    cores = os.cpu_count() or 1
+    # one inference per slot, each on its share of the cores
+    run = Run.load(run_dir, threads=max(1, cores // max(1, config.max_concurrent)))
+    if tta is not None:
+        run.tta = tta
+    app = create_app(run, config)
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=True)
