@@ -197,6 +197,7 @@ def test_compare_and_report_cli(trained, tmp_path, capsys):
     assert cli_main(["report", str(run)]) == 0
     page = (run / "report.html").read_text()
     assert "Results on Test" in page and "data:image/png;base64," in page and "Most confidently" in page
+    assert page.count("alt='Grad-CAM ") == 3  # one Test image per class
     assert cli_main(["compare", str(run), str(run), "--out", str(tmp_path / "cmp.md")]) == 0
     table = (tmp_path / "cmp.md").read_text().splitlines()
     assert table[0].startswith("| run | model | n | balanced accuracy") and len(table) == 4

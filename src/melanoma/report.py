@@ -73,6 +73,7 @@ def write_run_report(run_dir: str | Path, gallery_size: int = 12) -> Path:
         _figure_section("ROC curves, one vs rest (Test, all images)", figures.get("roc")),
         _per_class_section(metrics, config["classes"]),
         _gallery_section(run_dir, config, gallery_size),
+        _gradcam_section(run_dir, config),
         "<h2>Configuration</h2><pre>" + html.escape(_pretty(config)) + "</pre>",
     ]
     page = ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>melanoma run report</title>"
@@ -218,6 +219,40 @@ def _gallery_section(run_dir: Path, config: dict, size: int) -> str:
     if not cards:
         return ""
     return ("<h2>Most confidently misclassified Test images</h2><div class='gallery'>" + "".join(cards) + "</div>")
+
+
+def _gradcam_section(run_dir: Path, config: dict, count: int = 9) -> str:
+    """Grad-CAM overlays for one Test image per class (the first in file order), with the model's call."""
+    import warnings
+
+    from melanoma.explain import explain_files, overlay
+    from melanoma.inference import Run
+
+    classes = config["classes"]
+    labels, _, images, _ = _test_predictions(run_dir, classes)
+    first_per_class = {}
+    for label, image in zip(labels, images):
+        first_per_class.setdefault(int(label), image)
+    chosen = [first_per_class[k] for k in sorted(first_per_class)][:count]
+    if not chosen:
+        return ""
+    root = Path(config["config"]["data"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an uncalibrated run is fine for a picture of where it looked
+        run = Run.load(run_dir, backend="torch")
+    cards = []
+    for explanation, image in zip(explain_files(run, [(name, root / name) for name in chosen]), chosen):
+        if explanation.error:
+            continue
+        true_label = Path(image).parent.name
+        cards.append(f"<figure><img alt='Grad-CAM {html.escape(image)}' "
+                     f"src='{array_data_uri(overlay(explanation.pixels, explanation.heatmap))}'><figcaption>"
+                     f"<b>true</b> {html.escape(true_label)}<br><b>predicted</b> "
+                     f"{html.escape(explanation.predicted)} ({explanation.probability:.2f})</figcaption></figure>")
+    if not cards:
+        return ""
+    return ("<h2>Grad-CAM: where the model looked (one Test image per class)</h2><div class='gallery'>"
+            + "".join(cards) + "</div>")
 
 
 # ---------------------------------------------------------------------------------------------------------------
