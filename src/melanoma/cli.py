@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from melanoma.data import DataError
+
+if TYPE_CHECKING:
+    from melanoma.training import TrainConfig
 
 DESCRIPTION = """\
 Train, check and serve CNN classifiers for dermoscopic skin-lesion images, with a melanoma alert.

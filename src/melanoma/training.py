@@ -34,7 +34,7 @@ from melanoma.calibration import (apply_temperature, calibration_summary, fit_te
 from melanoma.balance import Balance, balanced_sampler, class_counts, class_weights, expand, parse_balance
 from melanoma.data import DataError, DatasetIndex, build_cache, display_name, load_dataset
 from melanoma.io import atomic_write_bytes, read_json, save_figure, write_csv, write_json
-from melanoma.models import ModelError, ModelSpec, build_model, default_normalization
+from melanoma.models import ModelSpec, build_model, default_normalization
 from melanoma.splits import (Selection, grouped_stratified_split, random_split, select_heldout,
                              select_training_pool)
 from melanoma.transforms import PRESETS, PresetError, to_model_input, train_transform
