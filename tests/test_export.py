@@ -59,3 +59,22 @@ def test_an_onnx_file_from_another_run_is_refused(exported, tmp_path):
     with pytest.raises(RunError, match="no model.onnx"):
         Run.load(other, backend="onnx")
     assert Run.load(other).backend == "torch"
+
+
+def test_a_run_without_calibration_falls_back_with_a_warning(exported, tmp_path):
+    _, run = exported
+    bare = tmp_path / "bare"
+    shutil.copytree(run, bare)
+    (bare / "model.onnx").unlink()
+    metrics = json.loads((bare / "metrics.json").read_text())
+    temperature = metrics.pop("calibration")["temperature"]
+    (bare / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.warns(UserWarning, match="no calibration"):
+        uncalibrated = Run.load(bare)
+    calibrated = Run.load(run, backend="torch")
+    assert uncalibrated.temperature == 1.0 and calibrated.temperature == pytest.approx(temperature)
+    images = np.random.default_rng(1).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
+    from melanoma.calibration import apply_temperature
+
+    assert np.allclose(apply_temperature(uncalibrated.probabilities(images), temperature),
+                       calibrated.probabilities(images), atol=1e-5)

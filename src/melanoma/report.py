@@ -71,6 +71,7 @@ def write_run_report(run_dir: str | Path, gallery_size: int = 12) -> Path:
         _figure_section("Training curves", figures.get("curves")),
         _figure_section("Confusion matrix (Test, all images)", figures.get("confusion")),
         _figure_section("ROC curves, one vs rest (Test, all images)", figures.get("roc")),
+        _figure_section("Calibration (temperature scaling fitted on validation)", figures.get("reliability")),
         _per_class_section(metrics, config["classes"]),
         _gallery_section(run_dir, config, gallery_size),
         _gradcam_section(run_dir, config),
@@ -91,7 +92,7 @@ def _figures(run_dir: Path, config: dict, metrics: dict) -> dict[str, Path]:
     from melanoma.io import save_figure
     from melanoma.plots import confusion_figure, roc_pr_figures
 
-    figures = {"curves": run_dir / "curves.png"} if (run_dir / "curves.png").is_file() else {}
+    figures = {name: run_dir / f"{name}.png" for name in ("curves", "reliability") if (run_dir / f"{name}.png").is_file()}
     if "test" not in metrics:
         return figures
     classes = config["classes"]
