@@ -88,12 +88,28 @@ def _train_config(args: argparse.Namespace) -> "TrainConfig":
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from melanoma.distributed import is_launch_rank_zero
     from melanoma.training import train
 
     _quiet_lightning()
     run_dir = train(_train_config(args))
-    print(f"run folder: {run_dir}")
+    if is_launch_rank_zero():
+        print(f"run folder: {run_dir}")
     return 0
+
+
+def _devices(value: str) -> int | str:
+    """--devices: a count, 'auto', or a comma-separated list of GPU ids (kept as text for Lightning)."""
+    value = value.strip()
+    if value == "auto" or ("," in value and all(part.strip().isdigit() for part in value.split(","))):
+        return value
+    try:
+        count = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{value}' is not a device count, 'auto' or a list of GPU ids") from None
+    if count < 1 and count != -1:
+        raise argparse.ArgumentTypeError("--devices must be at least 1 (or -1 for all)")
+    return count
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
@@ -117,13 +133,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     import json
 
-    from melanoma.inference import Run, collect_inputs, prediction_columns, prediction_rows
+    from melanoma.inference import Run, collect_inputs, prediction_columns, prediction_rows, predict_sharded
     from melanoma.io import atomic_write_text, write_csv
 
-    run = Run.load(args.run, threshold=args.threshold)
+    run = Run.load(args.run, threshold=args.threshold)  # a bad run folder fails here, before any process starts
     inputs = collect_inputs(args.inputs)
-    predictions = run.predict_files(inputs, batch_size=args.batch_size,
-                                    progress=_progress("predicting") if len(inputs) > args.batch_size else None)
+    if args.devices > 1:
+        predictions = predict_sharded(args.run, inputs, args.devices, args.accelerator, threshold=args.threshold,
+                                      batch_size=args.batch_size, progress=_progress("shards"))
+    else:
+        predictions = run.predict_files(inputs, batch_size=args.batch_size,
+                                        progress=_progress("predicting") if len(inputs) > args.batch_size else None)
     rows = prediction_rows(predictions, run.classes)
     if args.out.endswith(".json"):
         atomic_write_text(args.out, json.dumps(rows, indent=2) + "\n")
@@ -253,10 +273,13 @@ def _add_training_flags(parser: argparse.ArgumentParser, default_out: str) -> No
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     run.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
     run.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    run.add_argument("--accelerator", default="cpu", help="cpu, gpu or auto (default: cpu)")
-    run.add_argument("--devices", default=1, help="devices per node, or 'auto'")
-    run.add_argument("--num-nodes", type=int, default=1)
-    run.add_argument("--strategy", default="auto", help="auto or ddp")
+    run.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu", "auto"],
+                     help="where to train (default: cpu); gpu uses CUDA devices")
+    run.add_argument("--devices", default=1, type=_devices,
+                     help="processes (CPU) or GPUs per node: a number, 'auto', or GPU ids like 0,1 (default: 1)")
+    run.add_argument("--num-nodes", type=int, default=1, help="machines taking part (with torchrun or SLURM)")
+    run.add_argument("--strategy", default="auto", choices=["auto", "ddp"],
+                     help="ddp: distributed data parallel, one process per device (default: auto)")
     run.add_argument("--precision", help="32-true, bf16-mixed, 16-mixed (default: bf16 where native)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -315,6 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--threshold", type=float, help="melanoma alert threshold (default: the run's, chosen on "
                                                          "validation)")
     predict.add_argument("--batch-size", type=int, default=32)
+    predict.add_argument("--devices", type=int, default=1,
+                         help="processes to share the inputs between (one per GPU with --accelerator gpu, else each "
+                              "with a share of the CPU cores); the output keeps the input order (default: 1)")
+    predict.add_argument("--accelerator", choices=["cpu", "gpu", "auto"], default="cpu",
+                         help="where the processes predict (default: cpu)")
     predict.set_defaults(func=cmd_predict)
 
     report = verbs.add_parser("report", help="(re)build RUN/report.html: a self-contained page of the run's results",

@@ -57,11 +57,13 @@ class Run:
     backend: str = "torch"          # torch | onnx
     session: object = None          # the onnxruntime session when backend == "onnx"
     calibration: dict | None = None
+    device: str = "cpu"             # where the PyTorch backend runs ("cuda:1", ...)
 
     @classmethod
     def load(cls, path: str | os.PathLike, threshold: float | None = None, backend: str = "auto",
-             threads: int | None = None) -> "Run":
-        """Load a run; ``backend`` auto uses onnxruntime when the run has model.onnx, PyTorch otherwise."""
+             threads: int | None = None, device: str = "cpu") -> "Run":
+        """Load a run; ``backend`` auto uses onnxruntime when the run has model.onnx (and ``device`` is the CPU),
+        PyTorch otherwise."""
         path = Path(path)
         if not (path / "config.json").is_file():
             raise RunError(f"{display_name(path)}: not a run folder (no config.json)")
@@ -74,14 +76,14 @@ class Run:
         config = read_json(path / "config.json")
         metrics = read_json(path / "metrics.json") if (path / "metrics.json").is_file() else {}
         alert = metrics.get("alert") or {}
-        run = cls(path=path, model=model, image_size=spec.image_size, classes=list(payload["classes"]),
+        run = cls(path=path, model=model.to(device), image_size=spec.image_size, classes=list(payload["classes"]),
                   tta=bool(config["config"].get("tta")), config=config, calibration=metrics.get("calibration"),
-                  threshold=threshold if threshold is not None else alert.get("threshold"))
+                  threshold=threshold if threshold is not None else alert.get("threshold"), device=device)
         if run.calibration is None:
             warnings.warn(f"{display_name(path)} has no calibration (metrics.json without a temperature); "
                           "predicting with uncalibrated probabilities", stacklevel=2)
         onnx_path = path / "model.onnx"
-        if backend == "onnx" or (backend == "auto" and onnx_path.is_file()):
+        if backend == "onnx" or (backend == "auto" and onnx_path.is_file() and device == "cpu"):
             from melanoma.export import load_onnx_session
 
             if not onnx_path.is_file():
@@ -103,7 +105,8 @@ class Run:
             forward = lambda pixels: self.session.run(None, {"pixels": pixels.numpy()})[0]  # noqa: E731
             raw = probabilities_with(forward, images, self.image_size, batch_size=batch_size, tta=self.tta)
         else:
-            raw = predict_probabilities(self.model, images, self.image_size, batch_size=batch_size, tta=self.tta)
+            raw = predict_probabilities(self.model, images, self.image_size, batch_size=batch_size, tta=self.tta,
+                                        device=self.device)
         return apply_temperature(raw, self.temperature) if self.temperature != 1.0 else raw
 
     def predict_files(self, sources: Sequence[tuple[str, str | os.PathLike | bytes]], batch_size: int = 32,
@@ -132,6 +135,57 @@ class Run:
                     row.probabilities = {c: float(p) for c, p in zip(self.classes, values)}
             results.extend(rows)
         return results
+
+
+def predict_sharded(run_path: str | os.PathLike, sources: Sequence[tuple[str, str | os.PathLike | bytes]],
+                    devices: int, accelerator: str = "cpu", threshold: float | None = None, batch_size: int = 32,
+                    progress: Callable[[Iterable, int], Iterable] | None = None) -> list[Prediction]:
+    """Predict a large input list on ``devices`` processes (one per GPU, or each with a share of the CPU cores):
+    the inputs are cut into contiguous shards, each process predicts one, and the results come back merged in
+    input order. ``progress`` (iterable, total) sees shards as they finish."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    if devices < 1:
+        raise RunError(f"--devices must be at least 1, not {devices}")
+    targets = _prediction_devices(accelerator, min(devices, len(sources)))
+    if len(targets) <= 1:
+        run = Run.load(run_path, threshold=threshold, device=targets[0] if targets else "cpu")
+        return run.predict_files(sources, batch_size=batch_size, progress=progress)
+    shards = [list(part) for part in np.array_split(np.arange(len(sources)), len(targets))]
+    threads = max(1, (os.cpu_count() or 1) // len(targets))
+    # spawn, not fork: the parent may already run torch threads, which do not survive a fork
+    with ProcessPoolExecutor(len(targets), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_predict_shard, str(run_path), [sources[i] for i in shard], device, threads, threshold,
+                               batch_size) for shard, device in zip(shards, targets)]
+        finished = as_completed(futures)
+        for _ in (progress(finished, len(futures)) if progress else finished):
+            pass
+        return [prediction for future in futures for prediction in future.result()]
+
+
+def _prediction_devices(accelerator: str, count: int) -> list[str]:
+    import torch
+
+    if accelerator == "auto":
+        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    if accelerator == "cpu":
+        return ["cpu"] * count
+    if accelerator != "gpu":
+        raise RunError(f"unknown accelerator '{accelerator}' (cpu, gpu or auto)")
+    available = torch.cuda.device_count()
+    if available < count:
+        raise RunError(f"asked for {count} GPUs, this machine has {available}")
+    return [f"cuda:{index}" for index in range(count)]
+
+
+def _predict_shard(run_path: str, sources, device: str, threads: int, threshold: float | None,
+                   batch_size: int) -> list[Prediction]:
+    import torch
+
+    torch.set_num_threads(threads)
+    run = Run.load(run_path, threshold=threshold, device=device, threads=threads)
+    return run.predict_files(sources, batch_size=batch_size)
 
 
 def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[tuple[str, Path]]:

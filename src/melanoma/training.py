@@ -22,17 +22,18 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, Sized
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from melanoma.calibration import (apply_temperature, calibration_summary, fit_temperature,
                                   reliability_figure)
 from melanoma.balance import Balance, balanced_sampler, class_counts, class_weights, expand, parse_balance
 from melanoma.data import DataError, DatasetIndex, build_cache, display_name, load_dataset
+from melanoma.distributed import ShardedBatchSampler, is_launch_rank_zero
 from melanoma.io import atomic_write_bytes, read_json, save_figure, write_csv, write_json
 from melanoma.models import ModelSpec, build_model, default_normalization
 from melanoma.splits import (Selection, grouped_stratified_split, random_split, select_heldout,
@@ -321,7 +322,9 @@ def _lightning():
 
 
 def build_lightning_module(model: nn.Module, config: TrainConfig, loss_weights: torch.Tensor | None,
-                           steps_per_epoch: int):
+                           train_batches: Sized):
+    """``train_batches`` is the training batch sampler: its length (batches per epoch on this process) is only known
+    once the process group runs, so the LR schedule reads it when the optimizers are made."""
     pl = _lightning()
 
     class LesionClassifier(pl.LightningModule):
@@ -329,7 +332,7 @@ def build_lightning_module(model: nn.Module, config: TrainConfig, loss_weights: 
             super().__init__()
             self.model = model
             self.criterion = nn.CrossEntropyLoss(weight=loss_weights, label_smoothing=config.label_smoothing)
-            self._val_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+            self._sums: dict[str, torch.Tensor] = {}  # stage -> (loss sum, correct, count) on this process
 
         def forward(self, pixels):
             return self.model(pixels)
@@ -338,20 +341,35 @@ def build_lightning_module(model: nn.Module, config: TrainConfig, loss_weights: 
             images, labels = batch
             logits = self.model(to_model_input(images))
             loss = self.criterion(logits, labels)
-            self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels))
-            self.log("train_acc", (logits.argmax(1) == labels).float().mean(), on_step=False, on_epoch=True,
-                     prog_bar=True, batch_size=len(labels))
+            self._accumulate("train", loss.detach() * len(labels), logits, labels)
+            self.log("loss", loss, on_step=True, on_epoch=False, prog_bar=True, logger=False)
             return loss
 
         def validation_step(self, batch, _):
             images, labels = batch
             logits = self.model(to_model_input(images))
             # Unweighted loss on validation: comparable across balancing modes.
-            loss = nn.functional.cross_entropy(logits, labels)
-            self.log("val_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels),
-                     sync_dist=True)
-            self.log("val_acc", (logits.argmax(1) == labels).float().mean(), on_step=False, on_epoch=True,
-                     prog_bar=True, batch_size=len(labels), sync_dist=True)
+            self._accumulate("val", nn.functional.cross_entropy(logits.float(), labels, reduction="sum"), logits,
+                             labels)
+
+        def _accumulate(self, stage: str, loss_sum: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor):
+            batch = torch.stack([loss_sum.detach().double(), (logits.argmax(1) == labels).sum().double(),
+                                 torch.tensor(len(labels), dtype=torch.float64, device=labels.device)])
+            self._sums[stage] = self._sums.get(stage, torch.zeros_like(batch)) + batch
+
+        def epoch_metrics(self, stage: str) -> dict[str, float]:
+            """Loss and accuracy of this epoch's ``stage`` over every process's samples, each counted once, and
+            logged (for the progress bar and early stopping). Every process must call it: it is a collective.
+
+            Lightning's own ``sync_dist`` mean is not used: it averages the per-process sample counts as integers,
+            which is wrong when processes hold different numbers of samples."""
+            local = self._sums.pop(stage, torch.zeros(3, dtype=torch.float64, device=self.device))
+            loss_sum, correct, count = self.trainer.strategy.reduce(local, reduce_op="sum").tolist()
+            metrics = {f"{stage}_loss": loss_sum / max(count, 1), f"{stage}_acc": correct / max(count, 1)}
+            for name, value in metrics.items():
+                # identical on every process, so the sync only keeps Lightning from warning
+                self.log(name, value, prog_bar=True, sync_dist=True)
+            return metrics
 
         def configure_optimizers(self):
             backbone, head = self.model.backbone_and_head()
@@ -363,7 +381,7 @@ def build_lightning_module(model: nn.Module, config: TrainConfig, loss_weights: 
                 optimizer = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
             else:
                 raise RunError(f"unknown optimizer '{config.optimizer}' (adam or adamw)")
-            schedule = lr_schedule(config, steps_per_epoch)
+            schedule = lr_schedule(config, len(train_batches))
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -398,7 +416,7 @@ def lr_schedule(config: TrainConfig, steps_per_epoch: int):
 
 
 def _callbacks(config: TrainConfig, run_dir: Path, spec: ModelSpec, classes: list[str], history: list[dict],
-               generators: Sequence[torch.Generator] = (), steps_per_epoch: int = 1):
+               generators: Sequence[torch.Generator] = (), train_batches: Sized = ()):
     pl = _lightning()
 
     class FreezeBackbone(pl.Callback):
@@ -426,22 +444,28 @@ def _callbacks(config: TrainConfig, run_dir: Path, spec: ModelSpec, classes: lis
         def __init__(self):
             self.best_loss = math.inf
             self.epoch_start = time.perf_counter()
+            self.val_metrics: dict[str, float] = {}
 
         def on_train_epoch_start(self, trainer, module):
             self.epoch_start = time.perf_counter()
+            if trainer.world_size > 1:
+                # Each process augments different images, so each needs its own random stream; seeding it from
+                # (seed, epoch, rank) also makes a resumed distributed run draw what an uninterrupted one would.
+                torch.manual_seed(config.seed * 1_000_003 + trainer.current_epoch * 1_009 + trainer.global_rank)
 
         def on_validation_epoch_end(self, trainer, module):
             if trainer.sanity_checking:
                 return
-            metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-            if "val_loss" not in metrics:
-                return
-            if trainer.is_global_zero and metrics["val_loss"] < self.best_loss:
-                self.best_loss = metrics["val_loss"]
-                save_best(run_dir, module.model, spec, classes, config, trainer.current_epoch, metrics)
+            # Runs before the EMA callback swaps the training weights back: best.pt holds what was validated.
+            self.val_metrics = module.epoch_metrics("val")
+            if self.val_metrics["val_loss"] < self.best_loss:
+                self.best_loss = self.val_metrics["val_loss"]
+                if trainer.is_global_zero:
+                    save_best(run_dir, module.model, spec, classes, config, trainer.current_epoch, self.val_metrics)
 
         def on_train_epoch_end(self, trainer, module):
-            metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+            metrics = {**module.epoch_metrics("train"), **self.val_metrics}
+            self.val_metrics = {}
             row = {"epoch": trainer.current_epoch + 1, **{k: metrics.get(k) for k in HISTORY_METRICS},
                    "lr": trainer.optimizers[0].param_groups[-1]["lr"],
                    "seconds": round(time.perf_counter() - self.epoch_start, 2)}
@@ -465,10 +489,21 @@ def _callbacks(config: TrainConfig, run_dir: Path, spec: ModelSpec, classes: lis
     if config.early_stopping:
         callbacks.append(pl.callbacks.EarlyStopping(monitor="val_loss", patience=config.early_stopping))
     if config.ema_decay:
-        # Averaging starts after the head warm-up, so the random initial head does not linger in the average.
-        callbacks.append(pl.callbacks.EMAWeightAveraging(
-            decay=config.ema_decay, update_starting_at_step=config.freeze_epochs * steps_per_epoch))
+        callbacks.append(_ema_callback(config, train_batches))
     return callbacks
+
+
+def _ema_callback(config: TrainConfig, train_batches: Sized):
+    pl = _lightning()
+
+    class EMAAfterWarmUp(pl.callbacks.EMAWeightAveraging):
+        """Averaging starts after the head warm-up, so the random initial head does not linger in the average."""
+
+        def setup(self, trainer, module, stage):
+            super().setup(trainer, module, stage)
+            self.update_starting_at_step = config.freeze_epochs * len(train_batches)  # batches per process
+
+    return EMAAfterWarmUp(decay=config.ema_decay)
 
 
 HISTORY_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")
@@ -535,9 +570,18 @@ def cpu_has_native_bf16() -> bool:
 def resolve_precision(config: TrainConfig) -> str:
     if config.precision:
         return config.precision
-    if config.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+    if uses_gpu(config):
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
+
+
+def uses_gpu(config: TrainConfig) -> bool:
+    return config.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+
+
+def evaluation_device(config: TrainConfig) -> str:
+    """Where rank 0 scores the best checkpoint after training: the first GPU of a GPU run, else the CPU."""
+    return "cuda" if uses_gpu(config) else "cpu"
 
 
 def environment() -> dict:
@@ -604,7 +648,11 @@ def train(config: TrainConfig, log=print) -> Path:
     config = config.resolved()
     config.precision = resolve_precision(config)
     validate_config(config)
-    run_dir = prepare_run_dir(config)
+    # In a distributed run every process runs this function; only the first may create or change the run folder.
+    writer = is_launch_rank_zero()
+    if not writer:
+        log = _silent
+    run_dir = prepare_run_dir(config) if writer else Path(config.out)
     last = run_dir / CHECKPOINT_DIR / LAST
     if config.resume:
         _check_resumable(last)
@@ -613,8 +661,8 @@ def train(config: TrainConfig, log=print) -> Path:
     if config.threads:
         torch.set_num_threads(config.threads)
     pretrained = _pretrained_state(config)  # a bad weights file fails here, before anything is written
-    staging = run_dir if config.resume else _staging_dir(run_dir)
-    data = prepare_data(config, staging, log=log)
+    staging = run_dir if config.resume or not writer else _staging_dir(run_dir)
+    data = prepare_data(config, staging if writer else None, log=log)
     spec = build_spec(config, num_classes=len(data.classes))
     model = build_model(spec)
     model.early_stage_modules(config.freeze_stages)  # an impossible --freeze-stages fails before training
@@ -626,7 +674,7 @@ def train(config: TrainConfig, log=print) -> Path:
         for parameter in model.backbone_and_head()[1]:
             nn.init.zeros_(parameter)
     model = model.to(memory_format=torch.channels_last)
-    if not config.resume:
+    if writer and not config.resume:
         _write_run_header(staging, config, spec, data)
         staging = _promote_staging(staging, run_dir, config.overwrite)
     history = _read_history(run_dir) if config.resume else []
@@ -636,6 +684,10 @@ def train(config: TrainConfig, log=print) -> Path:
     if trainer.is_global_zero:
         finish_run(run_dir, data, config, history, log)
     return run_dir
+
+
+def _silent(*_args, **_kwargs) -> None:
+    pass
 
 
 def _pretrained_state(config: TrainConfig):
@@ -706,19 +758,23 @@ def _build_trainer(config: TrainConfig, model, data: PreparedData, run_dir: Path
         if balance.mode == "sampler" else None
     generator = torch.Generator().manual_seed(config.seed)
     generators = [generator] + ([sampler.generator] if sampler is not None else [])
-    train_loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler,
-                              num_workers=config.num_workers, generator=generator, drop_last=False,
-                              persistent_workers=config.num_workers > 0)
-    val_loader = DataLoader(ArrayDataset(data.val_images, data.val_labels), batch_size=config.batch_size * 2,
-                            num_workers=0)
+    # Every process draws the same epoch order (same seeded generator) and takes its own share of each batch.
+    train_batches = ShardedBatchSampler(sampler or RandomSampler(train_set, generator=generator), config.batch_size)
+    train_loader = DataLoader(train_set, batch_sampler=train_batches, num_workers=config.num_workers,
+                              generator=generator, persistent_workers=config.num_workers > 0,
+                              pin_memory=uses_gpu(config))  # page-locked batches copy to the GPU asynchronously
+    val_set = ArrayDataset(data.val_images, data.val_labels)
+    val_loader = DataLoader(val_set, batch_sampler=ShardedBatchSampler(SequentialSampler(val_set),
+                                                                       config.batch_size * 2), num_workers=0)
     weights = class_weights(data.train_labels, len(data.classes)) if balance.mode == "weights" else None
-    module = build_lightning_module(model, config, weights, steps_per_epoch=len(train_loader))
+    module = build_lightning_module(model, config, weights, train_batches)
     trainer = pl.Trainer(
         max_epochs=config.epochs, accelerator=config.accelerator, devices=config.devices,
         num_nodes=config.num_nodes, strategy=config.strategy, precision=config.precision,
         deterministic=True, logger=False, enable_checkpointing=False, enable_model_summary=False,
         enable_progress_bar=config.progress, num_sanity_val_steps=0, default_root_dir=str(run_dir),
-        callbacks=_callbacks(config, run_dir, spec, data.classes, history, generators, len(train_loader)))
+        use_distributed_sampler=False,  # ShardedBatchSampler: Lightning's sampler would repeat samples to pad
+        callbacks=_callbacks(config, run_dir, spec, data.classes, history, generators, train_batches))
     return trainer, module, (train_loader, val_loader)
 
 
@@ -730,7 +786,9 @@ def finish_run(run_dir: Path, data: PreparedData, config: TrainConfig, history: 
 
     payload = load_checkpoint(run_dir / CHECKPOINT_DIR / BEST)
     model, spec = model_from_checkpoint(payload)
-    raw_val_probs = predict_probabilities(model, data.val_images, spec.image_size, tta=config.tta)
+    device = evaluation_device(config)
+    model.to(device)
+    raw_val_probs = predict_probabilities(model, data.val_images, spec.image_size, tta=config.tta, device=device)
     calibration = _calibrate(run_dir, raw_val_probs, data.val_labels)
     val_probs = apply_temperature(raw_val_probs, calibration["temperature"])
     alert = _alert_threshold(data, val_probs, config.target_sensitivity)
@@ -739,7 +797,8 @@ def finish_run(run_dir: Path, data: PreparedData, config: TrainConfig, history: 
                "final_epoch": history[-1] if history else {}, "alert": alert, "calibration": calibration,
                "validation": compute_metrics(data.val_labels, val_probs, data.classes, threshold)}
     if len(data.test_labels):
-        raw_test_probs = predict_probabilities(model, data.test_images, spec.image_size, tta=config.tta)
+        raw_test_probs = predict_probabilities(model, data.test_images, spec.image_size, tta=config.tta,
+                                               device=device)
         test_probs = apply_temperature(raw_test_probs, calibration["temperature"])
         calibration["test_before"] = calibration_summary(raw_test_probs, data.test_labels)
         calibration["test_after"] = calibration_summary(test_probs, data.test_labels)
