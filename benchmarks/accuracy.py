@@ -26,12 +26,16 @@ def main() -> None:
     parser.add_argument("--model", default="tf_efficientnet_lite0")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--image-size", type=int)
+    parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu", "auto"])
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (a GPU needs several)")
     parser.add_argument("--json")
     args = parser.parse_args()
     _quiet_lightning()
     config = TrainConfig(data=str(require_shared_data()), out=args.out, model=args.model, epochs=args.epochs,
                          image_size=args.image_size, truth=[str(p) for p in TRUTH_FILES], overwrite=True,
-                         progress=False)
+                         progress=False, accelerator=args.accelerator, devices=args.devices,
+                         strategy="ddp" if args.devices > 1 else "auto", num_workers=args.workers)
     start = time.perf_counter()
     run_dir = train(config)
     minutes = (time.perf_counter() - start) / 60
@@ -46,10 +50,21 @@ def main() -> None:
     print_table(rows, ["test", "metric", "value", "ci95_low", "ci95_high"])
     print(f"alert threshold {metrics['alert']['threshold']:.3f} (validation sensitivity "
           f"{metrics['alert']['sensitivity']:.2f}); trained in {minutes:.1f} min; run folder {run_dir}")
-    write_results(f"accuracy_{args.model}", {"run": str(run_dir), "train_minutes": round(minutes, 2),
+    write_results(f"accuracy_{args.model}" + ("" if args.accelerator == "cpu" else "_gpu"),
+                  {"run": str(run_dir), "train_minutes": round(minutes, 2), "device": _device_name(args.accelerator),
                                              "config": json.loads((Path(run_dir) / "config.json").read_text())["config"],
                                              "alert": metrics["alert"], "validation_balanced_accuracy":
                                              metrics["validation"]["balanced_accuracy"], "results": rows}, args.json)
+
+
+def _device_name(accelerator: str) -> str:
+    import platform
+
+    import torch
+
+    if accelerator != "cpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
 if __name__ == "__main__":
