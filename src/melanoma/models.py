@@ -39,6 +39,7 @@ class ModelSpec:
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
     timm_kwargs: dict = field(default_factory=dict)
+    colour_constancy: float = 0.0   # Shades of Gray Minkowski norm p applied to the input (0 = off)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,6 +66,27 @@ class InputNormalization(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return (pixels / 255.0 - self.mean) / self.std
+
+
+class ShadesOfGray(nn.Module):
+    """Colour constancy (Finlayson & Trezzi 2004; Barata et al. 2015 for dermoscopy): estimate each image's
+    illuminant as the Minkowski p-norm mean of each channel and rescale the channels so that it becomes grey.
+
+    Dermatoscopes of different makes and years tint images differently; a model can learn the tint as a shortcut
+    for the class. Inside the model it applies identically in training, evaluation, ONNX and serving.
+    """
+
+    def __init__(self, power: float = 6.0):
+        super().__init__()
+        if power < 1:
+            raise ModelError(f"colour constancy needs a Minkowski norm p >= 1, not {power}")
+        self.power = float(power)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        scaled = pixels.float().clamp(0.0, 255.0) / 255.0
+        illuminant = scaled.pow(self.power).mean(dim=(2, 3), keepdim=True).pow(1.0 / self.power).clamp_min(1e-3)
+        gain = illuminant.mean(dim=1, keepdim=True) / illuminant
+        return (pixels * gain).clamp(0.0, 255.0)
 
 
 class SeedCNN(nn.Module):
@@ -94,11 +116,12 @@ class Classifier(nn.Module):
     def __init__(self, spec: ModelSpec, network: nn.Module):
         super().__init__()
         self.spec = spec
+        self.colour = ShadesOfGray(spec.colour_constancy) if spec.colour_constancy else nn.Identity()
         self.normalize = InputNormalization(spec.mean, spec.std)
         self.network = network
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.network(self.normalize(pixels))
+        return self.network(self.normalize(self.colour(pixels)))
 
     def backbone_and_head(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """Parameters of the feature extractor and of the classification head (for freezing and per-group LRs)."""

@@ -72,6 +72,7 @@ class TrainConfig:
     ema_decay: float | None = None    # 0 = off; else EMA of weights, used for validation and the saved model
     tta: bool | None = None           # 8 dihedral views at evaluation
     weights: str | None = None        # pretrained weights: 'package', 'timm', a state-dict path, or 'none'
+    colour_constancy: float = 0.0     # Shades of Gray norm p inside the model (e.g. 6); 0 = off
     image_size: int | None = None
     val_fraction: float = 0.2
     target_sensitivity: float = 0.9   # the melanoma alert threshold is chosen on validation to reach this
@@ -613,6 +614,9 @@ def validate_config(config: TrainConfig) -> None:
         raise PresetError(f"unknown augmentation preset '{config.preset}' (choose from: {', '.join(PRESETS)})")
     if config.epochs < 1 or config.batch_size < 1:
         raise RunError("--epochs and --batch-size must be at least 1")
+    if config.colour_constancy and not config.colour_constancy >= 1:
+        raise RunError(f"--colour-constancy must be a Minkowski norm >= 1 (6 is usual) or 0 for off, "
+                       f"not {config.colour_constancy}")
     if config.protocol not in ("leak-free", "leaky"):
         raise RunError(f"unknown protocol '{config.protocol}' (leak-free or leaky)")
     build_spec(config, num_classes=2)  # unknown model names fail here
@@ -621,7 +625,7 @@ def validate_config(config: TrainConfig) -> None:
 def build_spec(config: TrainConfig, num_classes: int) -> ModelSpec:
     mean, std = default_normalization(config.model)
     spec = ModelSpec(name=config.model, num_classes=num_classes, image_size=resolve_image_size(config),
-                     mean=tuple(mean), std=tuple(std))
+                     mean=tuple(mean), std=tuple(std), colour_constancy=config.colour_constancy)
     if not spec.is_seed:
         import timm
 
