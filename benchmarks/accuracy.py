@@ -50,21 +50,12 @@ def main() -> None:
     print_table(rows, ["test", "metric", "value", "ci95_low", "ci95_high"])
     print(f"alert threshold {metrics['alert']['threshold']:.3f} (validation sensitivity "
           f"{metrics['alert']['sensitivity']:.2f}); trained in {minutes:.1f} min; run folder {run_dir}")
+    config_used = json.loads((Path(run_dir) / "config.json").read_text())["config"]
+    # write_results adds the machine (processor, GPU model) to the JSON
     write_results(f"accuracy_{args.model}" + ("" if args.accelerator == "cpu" else "_gpu"),
-                  {"run": str(run_dir), "train_minutes": round(minutes, 2), "device": _device_name(args.accelerator),
-                                             "config": json.loads((Path(run_dir) / "config.json").read_text())["config"],
-                                             "alert": metrics["alert"], "validation_balanced_accuracy":
-                                             metrics["validation"]["balanced_accuracy"], "results": rows}, args.json)
-
-
-def _device_name(accelerator: str) -> str:
-    import platform
-
-    import torch
-
-    if accelerator != "cpu" and torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+                  {"run": str(run_dir), "train_minutes": round(minutes, 2), "config": config_used,
+                   "alert": metrics["alert"], "validation_balanced_accuracy": metrics["validation"]["balanced_accuracy"],
+                   "results": rows}, args.json)
 
 
 if __name__ == "__main__":

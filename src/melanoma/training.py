@@ -665,8 +665,9 @@ def train(config: TrainConfig, log=print) -> Path:
     if config.threads:
         torch.set_num_threads(config.threads)
     pretrained = _pretrained_state(config)  # a bad weights file fails here, before anything is written
-    staging = run_dir if config.resume or not writer else _staging_dir(run_dir)
-    data = prepare_data(config, staging if writer else None, log=log)
+    # where this process writes while starting: nowhere (not rank 0), the run (resume), or a staging folder
+    staging = None if not writer else run_dir if config.resume else _staging_dir(run_dir)
+    data = prepare_data(config, staging, log=log)
     spec = build_spec(config, num_classes=len(data.classes))
     model = build_model(spec)
     model.early_stage_modules(config.freeze_stages)  # an impossible --freeze-stages fails before training
@@ -680,7 +681,7 @@ def train(config: TrainConfig, log=print) -> Path:
     model = model.to(memory_format=torch.channels_last)
     if writer and not config.resume:
         _write_run_header(staging, config, spec, data)
-        staging = _promote_staging(staging, run_dir, config.overwrite)
+        _promote_staging(staging, run_dir, config.overwrite)
     history = _read_history(run_dir) if config.resume else []
     trainer, module, loaders = _build_trainer(config, model, data, run_dir, spec, history)
     trainer.fit(module, *loaders, ckpt_path=str(last) if config.resume else None,
