@@ -24,7 +24,8 @@ from melanoma.transforms import to_model_input, train_transform
 
 
 def measure(model_name: str, size: int, batch: int, steps: int, preset: str, workers: int, threads: int,
-            channels_last: bool, bf16: bool, images: np.ndarray, labels: np.ndarray, device: str = "cpu") -> dict:
+            channels_last: bool, bf16: bool, images: np.ndarray, labels: np.ndarray, device: str = "cpu",
+            model_only: bool = False) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     mean, std = default_normalization(model_name)
@@ -38,12 +39,14 @@ def measure(model_name: str, size: int, batch: int, steps: int, preset: str, wor
     model.train()
     seen, start, warmup = 0, None, 3
     iterator = iter(loader)
+    pixels, targets = next(iterator)
     for step in range(steps + warmup):
-        try:
-            pixels, targets = next(iterator)
-        except StopIteration:
-            iterator = iter(loader)
-            pixels, targets = next(iterator)
+        if step and not model_only:  # model_only: the first batch again and again, no loading or augmentation
+            try:
+                pixels, targets = next(iterator)
+            except StopIteration:
+                iterator = iter(loader)
+                pixels, targets = next(iterator)
         if step == warmup:
             _synchronize(device)
             start = time.perf_counter()
@@ -58,7 +61,8 @@ def measure(model_name: str, size: int, batch: int, steps: int, preset: str, wor
     _synchronize(device)
     seconds = time.perf_counter() - start
     return {"model": model_name, "device": _device_name(device), "size": size, "batch": batch, "preset": preset, "workers": workers,
-            "threads": threads, "channels_last": channels_last, "precision": "bf16-mixed" if bf16 else "32-true",
+            "threads": threads, "model_only": model_only, "channels_last": channels_last,
+            "precision": "bf16-mixed" if bf16 else "32-true",
             "images_per_s": round(seen / seconds, 1),
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
@@ -82,6 +86,8 @@ def main() -> None:
     parser.add_argument("--settings", default="0:2:1:0,0:2:1:1,1:2:1:1,0:2:0:1",
                         help="comma-separated workers:threads:channels_last:bf16 settings to compare")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--model-only", action="store_true",
+                        help="train on one fixed batch: the model's own speed, without loading or augmentation")
     parser.add_argument("--out")
     args = parser.parse_args()
     index = discover_folder(require_shared_data())
@@ -95,11 +101,11 @@ def main() -> None:
             print(f"skipping {setting}: this CPU has no native bf16")
             continue
         rows.append(measure(args.model, args.size, args.batch, args.steps, args.preset, workers, threads,
-                            bool(channels_last), bool(bf16), cache.images, labels, args.device))
+                            bool(channels_last), bool(bf16), cache.images, labels, args.device, args.model_only))
         print_table(rows[-1:], list(rows[-1]))
     print()
     print_table(rows, list(rows[0]))
-    suffix = "" if args.device == "cpu" else "_gpu"
+    suffix = ("" if args.device == "cpu" else "_gpu") + ("_model_only" if args.model_only else "")
     write_results(f"train_throughput_{args.model}{suffix}", {"results": rows}, args.out)
 
 
