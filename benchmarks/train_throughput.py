@@ -60,8 +60,8 @@ def measure(model_name: str, size: int, batch: int, steps: int, preset: str, wor
             seen += len(targets)
     _synchronize(device)
     seconds = time.perf_counter() - start
-    return {"model": model_name, "device": _device_name(device), "size": size, "batch": batch, "preset": preset, "workers": workers,
-            "threads": threads, "model_only": model_only, "channels_last": channels_last,
+    return {"model": model_name, "device": _device_name(device), "size": size, "batch": batch, "preset": preset,
+            "workers": workers, "threads": threads, "model_only": model_only, "channels_last": channels_last,
             "precision": "bf16-mixed" if bf16 else "32-true",
             "images_per_s": round(seen / seconds, 1),
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
