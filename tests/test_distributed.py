@@ -85,6 +85,18 @@ def test_bad_distributed_flags_are_refused(tmp_path, capsys, flags, message):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("flags, message", [(["--devices", "0"], "at least 1"), (["--devices", "-2"], "at least 1"),
+                                            (["--batch-size", "0"], "at least 1"), (["--devices", "x"], "whole number")])
+def test_bad_predict_flags_are_refused(tmp_path, capsys, flags, message):
+    from melanoma.cli import main
+
+    out = tmp_path / "predictions.csv"
+    with pytest.raises(SystemExit):
+        main(["predict", str(tmp_path), str(tmp_path), "--out", str(out), *flags])
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # A real DDP run: 2 CPU processes, gloo
 

@@ -33,7 +33,8 @@ def _finetune(data, out, **overrides) -> TrainConfig:
 
 def _backbone_state(run) -> dict:
     """The network's weights at the end of training (last.ckpt; best.pt may be an earlier epoch)."""
-    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    state = checkpoint.get("current_model_state", checkpoint["state_dict"])  # with EMA, state_dict is the average
     return {k.removeprefix("model.network."): v for k, v in state.items() if k.startswith("model.network.")}
 
 
@@ -61,6 +62,15 @@ def test_ema_changes_what_is_validated_not_how_it_trains(tiny, tmp_path):
     read = lambda run: list(csv.DictReader((run / "history.csv").open()))
     assert [r["train_loss"] for r in read(plain)] == [r["train_loss"] for r in read(averaged)]
     assert read(plain)[-1]["val_loss"] != read(averaged)[-1]["val_loss"]
+
+
+def test_before_averaging_starts_the_trained_weights_are_validated_and_kept(tiny, tmp_path):
+    run = train(_finetune(tiny, tmp_path / "warm-ema", epochs=1, ema_decay=0.5), log=lambda *_: None)
+    best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)["model_state"]
+    kept = {k.removeprefix("network."): v for k, v in best.items() if k.startswith("network.")}
+    trained = _backbone_state(run)
+    assert kept.keys() == trained.keys() and all(torch.equal(kept[k], trained[k]) for k in kept)
+    assert not torch.equal(kept["classifier.bias"], torch.zeros(3))
 
 
 def test_tta_is_invariant_to_flips_and_quarter_turns():

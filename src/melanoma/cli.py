@@ -99,6 +99,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{value}' is not a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
+    return number
+
+
 def _devices(value: str) -> int | str:
     """--devices: a count, 'auto', or a comma-separated list of GPU ids (kept as text for Lightning)."""
     value = value.strip()
@@ -341,8 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", default="predictions.csv", help="output .csv or .json (default: predictions.csv)")
     predict.add_argument("--threshold", type=float, help="melanoma alert threshold (default: the run's, chosen on "
                                                          "validation)")
-    predict.add_argument("--batch-size", type=int, default=32)
-    predict.add_argument("--devices", type=int, default=1,
+    predict.add_argument("--batch-size", type=_positive_int, default=32)
+    predict.add_argument("--devices", type=_positive_int, default=1,
                          help="processes to share the inputs between (one per GPU with --accelerator gpu, else each "
                               "with a share of the CPU cores); the output keeps the input order (default: 1)")
     predict.add_argument("--accelerator", choices=["cpu", "gpu", "auto"], default="cpu",

@@ -504,6 +504,25 @@ def _ema_callback(config: TrainConfig, train_batches: Sized):
             super().setup(trainer, module, stage)
             self.update_starting_at_step = config.freeze_epochs * len(train_batches)  # batches per process
 
+        # Until the first update the average is the initial model (random head): validate, keep and finish with the
+        # weights being trained instead, or the warm-up epoch would be scored (and a 1-epoch run saved) untrained.
+        def _started(self) -> bool:
+            return self._average_model is not None and int(self._average_model.n_averaged) > 0
+
+        def on_validation_epoch_start(self, trainer, module):
+            self._swapped = self._started()
+            if self._swapped:
+                super().on_validation_epoch_start(trainer, module)
+
+        def on_validation_epoch_end(self, trainer, module):
+            if getattr(self, "_swapped", False):
+                super().on_validation_epoch_end(trainer, module)
+            self._swapped = False
+
+        def on_train_end(self, trainer, module):
+            if self._started():
+                super().on_train_end(trainer, module)
+
     return EMAAfterWarmUp(decay=config.ema_decay)
 
 
