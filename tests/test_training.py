@@ -32,13 +32,15 @@ def _config(data: Path, out: Path, **overrides) -> TrainConfig:
     return replace(base, **overrides)
 
 
-def test_run_folder_is_self_contained(tiny, tmp_path):
-    run = train(_config(tiny, tmp_path / "run"), log=lambda *_: None)
+def test_run_folder_is_self_contained(tiny, tmp_path, monkeypatch):
+    monkeypatch.chdir(tiny.parent)
+    run = train(_config(Path(tiny.name), tmp_path / "run"), log=lambda *_: None)
     for name in ("config.json", "data.json", "split.csv", "history.csv", "metrics.json", "curves.png",
                  "test_predictions.csv", "checkpoints/best.pt", "checkpoints/last.ckpt", "audit/audit.json"):
         assert (run / name).is_file(), name
     config = json.loads((run / "config.json").read_text())
     assert config["classes"] == list(CLASSES) and config["config"]["seed"] == 42
+    assert config["config"]["data"] == str(tiny.resolve())  # given relative, recorded absolute
     assert config["model"]["name"] == "seed-cnn" and config["preprocessing"]["image_size"] == 32
     assert {"torch", "timm", "lightning"} <= set(config["environment"])
     history = list(csv.DictReader((run / "history.csv").open()))

@@ -668,7 +668,7 @@ def train(config: TrainConfig, log=print) -> Path:
     """Train one model and write its run folder; returns the folder."""
     if config.resume:
         config = resumed_config(config)
-    config = config.resolved()
+    config = _with_absolute_paths(config.resolved())
     config.precision = resolve_precision(config)
     validate_config(config)
     # In a distributed run every process runs this function; only the first may create or change the run folder.
@@ -708,6 +708,15 @@ def train(config: TrainConfig, log=print) -> Path:
     if trainer.is_global_zero:
         finish_run(run_dir, data, config, history, log)
     return run_dir
+
+
+def _with_absolute_paths(config: TrainConfig) -> TrainConfig:
+    """Input paths as absolute ones, so the config.json that records them can be re-read from any folder."""
+    def absolute(path):
+        return str(Path(path).expanduser().resolve()) if path else path
+
+    return replace(config, data=absolute(config.data), audit=absolute(config.audit),
+                   truth=[absolute(path) for path in config.truth] if config.truth else config.truth)
 
 
 def _silent(*_args, **_kwargs) -> None:
