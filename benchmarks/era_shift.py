@@ -17,18 +17,10 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from _common import print_table, write_results
-from melanoma.data import MELANOMA, image_id_from_name
+from melanoma.data import ERAS, MELANOMA, acquisition_era
 from melanoma.inference import Run
 from melanoma.io import read_json
 from melanoma.training import TrainConfig, prepare_data
-
-OLD_ERA_BELOW = 10_000
-
-
-def is_old_era(path: str) -> bool:
-    digits = image_id_from_name(Path(path).name).removeprefix("ISIC_")[:7]
-    return digits.isdigit() and int(digits) < OLD_ERA_BELOW
-
 
 def era_scores(run_dir: Path) -> dict:
     config = TrainConfig.from_dict(read_json(run_dir / "config.json")["config"])
@@ -40,7 +32,7 @@ def era_scores(run_dir: Path) -> dict:
     melanoma = data.classes.index(MELANOMA)
     nevus = data.classes.index("nevus")
     is_melanoma = data.val_labels == melanoma
-    old = np.array([is_old_era(name) for name in names])
+    old = np.array([acquisition_era(name) == ERAS[0] for name in names])
     alert = probs[:, melanoma] >= run.threshold
 
     def summary(mask: np.ndarray) -> dict:

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from melanoma.balance import augmentor_rotate, balanced_sampler, class_weights, expand, parse_balance
-from melanoma.data import DataError
+from melanoma.balance import (augmentor_rotate, balanced_sampler, class_weights, expand, parse_balance,
+                              within_class_group_factor)
+from melanoma.data import DataError, acquisition_era
 from melanoma.splits import grouped_stratified_split, random_split
 from melanoma.transforms import PRESETS, PresetError, dihedral_views, train_transform
 
@@ -37,6 +38,30 @@ def test_sampler_draws_classes_equally():
     shares = np.bincount(drawn) / len(drawn)
     assert np.allclose(shares, 1 / 3, atol=0.02)
     assert list(balanced_sampler(LABELS, 3, seed=1)) == list(balanced_sampler(LABELS, 3, seed=1))
+
+
+def test_era_groups_share_their_class_equally_and_leave_class_shares_alone():
+    labels = np.array([0] * 60 + [1] * 30 + [2] * 10)
+    eras = np.array(["old"] * 50 + ["new"] * 10 + ["old"] * 5 + ["new"] * 25 + ["new"] * 10)
+    factor = within_class_group_factor(labels, eras)
+    for label in range(3):
+        in_class = labels == label
+        assert np.isclose(factor[in_class].sum(), in_class.sum())  # the class's total weight is unchanged
+        totals = [factor[in_class & (eras == era)].sum() for era in np.unique(eras[in_class])]
+        assert np.allclose(totals, totals[0])                      # and split equally between its eras
+    draws = np.concatenate([list(balanced_sampler(labels, 3, seed=seed, groups=eras.tolist()))
+                            for seed in range(200)])
+    old_melanoma, new_melanoma = np.isin(draws, np.arange(50)).mean(), np.isin(draws, np.arange(50, 60)).mean()
+    assert abs(old_melanoma - new_melanoma) < 0.02 and abs(old_melanoma + new_melanoma - 1 / 3) < 0.02
+    with pytest.raises(ValueError, match="2 group names for 100 images"):
+        within_class_group_factor(labels, ["a", "b"])
+
+
+def test_acquisition_era_from_the_isic_id():
+    assert acquisition_era("melanoma/ISIC_0000002.jpg") == "archive 2016-17"
+    assert acquisition_era("ISIC_0009999_downsampled.jpg") == "archive 2016-17"
+    assert acquisition_era("nevus/ISIC_0024306.jpg") == "later"
+    assert acquisition_era("lesion.png") == "later"
 
 
 def test_expand_makes_n_copies_per_class_from_that_class():

@@ -85,8 +85,9 @@ def test_bad_distributed_flags_are_refused(tmp_path, capsys, flags, message):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("flags, message", [(["--devices", "0"], "at least 1"), (["--devices", "-2"], "at least 1"),
-                                            (["--batch-size", "0"], "at least 1"), (["--devices", "x"], "whole number")])
+@pytest.mark.parametrize("flags, message", [
+    (["--devices", "0"], "at least 1"), (["--devices", "-2"], "at least 1"), (["--batch-size", "0"], "at least 1"),
+    (["--devices", "x"], "whole number")])
 def test_bad_predict_flags_are_refused(tmp_path, capsys, flags, message):
     from melanoma.cli import main
 

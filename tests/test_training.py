@@ -17,7 +17,8 @@ import torch
 from conftest import CLASSES, REPO, lesion_image, save_image, tiny_dataset
 from melanoma.cli import main as cli_main
 from melanoma.data import DataError
-from melanoma.training import (RunError, TrainConfig, load_checkpoint, model_from_checkpoint, prepare_data, train)
+from melanoma.training import (RunError, TrainConfig, load_checkpoint, model_from_checkpoint, prepare_data, train,
+                               train_image_names)
 
 
 
@@ -167,10 +168,21 @@ def test_bad_flags_fail_before_anything_is_written(tiny, tmp_path, capsys):
                            (["--preset", "fancy"], "unknown augmentation preset"),
                            (["--balance", "expand:"], "expand needs a positive number"),
                            (["--balance", "expand:0"], "expand needs a positive number"),
-                           (["--colour-constancy", "0.5"], "Minkowski norm >= 1")):
+                           (["--colour-constancy", "0.5"], "Minkowski norm >= 1"),
+                           (["--era-balance"], "--era-balance needs a sampler")):  # seed recipe: balance none
         code = cli_main(["train", "--data", str(tiny), "--out", str(out), "--model", "seed-cnn", *flags])
         assert code == 2 and message in capsys.readouterr().err
         assert not out.exists()
+
+
+def test_era_balanced_sampling_trains_and_names_every_training_image(tiny, tmp_path):
+    config = _config(tiny, tmp_path / "era", epochs=1, balance="expand:3", test_split="")
+    data = prepare_data(config.resolved(), log=lambda *_: None)
+    names = train_image_names(data)
+    originals = sum(row["role"] == "train" for row in data.split_rows)
+    assert len(names) == len(data.train_labels) > originals and all(name.endswith(".jpg") for name in names)
+    run = train(_config(tiny, tmp_path / "run", epochs=1, balance="sampler", era_balance=True), log=lambda *_: None)
+    assert json.loads((run / "config.json").read_text())["config"]["era_balance"] is True
 
 
 def test_data_with_one_class_or_too_few_images(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -63,14 +64,37 @@ def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def balanced_sampler(labels: np.ndarray, num_classes: int, seed: int, power: float = 1.0) -> WeightedRandomSampler:
+def balanced_sampler(labels: np.ndarray, num_classes: int, seed: int, power: float = 1.0,
+                     groups: Sequence[str] | None = None) -> WeightedRandomSampler:
     """Draws class c with probability proportional to n_c^(1-power) (power 1: every class equally often), with
-    replacement; one epoch = len(labels) draws."""
+    replacement; one epoch = len(labels) draws.
+
+    With ``groups`` (e.g. each image's acquisition era), a class's share is further split equally between the groups
+    present in that class, so a group cannot stand in for the class by being over-represented in it.
+    """
+    labels = np.asarray(labels)
     counts = class_counts(labels, num_classes).astype(np.float64)
-    per_sample = 1.0 / counts[np.asarray(labels)] ** power
+    per_sample = 1.0 / counts[labels] ** power
+    if groups is not None:
+        per_sample = per_sample * within_class_group_factor(labels, groups)
     generator = torch.Generator().manual_seed(seed)
     return WeightedRandomSampler(torch.as_tensor(per_sample, dtype=torch.double), num_samples=len(labels),
                                  replacement=True, generator=generator)
+
+
+def within_class_group_factor(labels: np.ndarray, groups: Sequence[str]) -> np.ndarray:
+    """Per-image factor n_c / (g_c * n_cg): each of a class's g_c groups gets an equal share of the class's draws,
+    and the class's total share is unchanged."""
+    labels, groups = np.asarray(labels), np.asarray(groups)
+    if len(groups) != len(labels):
+        raise ValueError(f"{len(groups)} group names for {len(labels)} images")
+    factor = np.ones(len(labels))
+    for label in np.unique(labels):
+        in_class = labels == label
+        names, sizes = np.unique(groups[in_class], return_counts=True)
+        for name, size in zip(names, sizes):
+            factor[in_class & (groups == name)] = in_class.sum() / (len(names) * size)
+    return factor
 
 
 def augmentor_rotate(image: np.ndarray, rng: np.random.Generator, max_degrees: float = 10.0,

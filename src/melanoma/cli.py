@@ -75,7 +75,7 @@ def _train_config(args: argparse.Namespace) -> "TrainConfig":
 
     return TrainConfig(
         data=args.data, out=args.out, model=args.model, recipe=args.recipe, freeze_stages=args.freeze_stages,
-        preset=args.preset, balance=args.balance,
+        preset=args.preset, balance=args.balance, era_balance=args.era_balance,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
         weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, schedule=args.schedule,
         warmup_epochs=args.warmup_epochs, freeze_epochs=args.freeze_epochs, backbone_lr_scale=args.backbone_lr_scale,
@@ -266,6 +266,9 @@ def _add_training_flags(parser: argparse.ArgumentParser, default_out: str) -> No
                             "default 0 = off): removes the dermatoscope's colour cast")
     model.add_argument("--preset", help="augmentation: none, seed or dermoscopy")
     model.add_argument("--balance", help="none, weights, sampler or expand:N")
+    model.add_argument("--era-balance", action=argparse.BooleanOptionalAction,
+                       help="with a sampler: within each class, draw the ISIC archive's 2016-17 images (id below "
+                            "0010000) and later ones equally often, so image age cannot stand in for the class")
     model.add_argument("--epochs", type=int)
     model.add_argument("--batch-size", type=int)
     model.add_argument("--lr", type=float, help="learning rate of the head (the backbone gets --backbone-lr-scale)")

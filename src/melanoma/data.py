@@ -91,6 +91,20 @@ def image_id_from_name(name: str) -> str:
     return match.group(0) if match else Path(name).stem
 
 
+ARCHIVE_ERA_BELOW = 10_000  # ISIC_0000000-ISIC_0009999: the archive's oldest images (2016-2017 challenge era)
+ERAS = ("archive 2016-17", "later")
+
+
+def acquisition_era(name: str) -> str:
+    """'archive 2016-17' for the ISIC archive's oldest images (id below 0010000), else 'later'.
+
+    The oldest images come from other clinics and cameras than the later ones (HAM10000, BCN), and in this dataset
+    almost all nevi are old while most melanomas are not, so the era is a shortcut a model can learn for the class.
+    """
+    digits = image_id_from_name(Path(name).name).removeprefix("ISIC_")[:7]
+    return ERAS[0] if digits.isdigit() and int(digits) < ARCHIVE_ERA_BELOW else ERAS[1]
+
+
 def display_name(path: str | os.PathLike) -> str:
     """A printable file name, with undecodable bytes shown as escapes instead of crashing a print."""
     text = os.fspath(path)

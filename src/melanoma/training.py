@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampl
 from melanoma.calibration import (apply_temperature, calibration_summary, fit_temperature,
                                   reliability_figure)
 from melanoma.balance import Balance, balanced_sampler, class_counts, class_weights, expand, parse_balance
-from melanoma.data import DataError, DatasetIndex, build_cache, display_name, load_dataset
+from melanoma.data import DataError, DatasetIndex, acquisition_era, build_cache, display_name, load_dataset
 from melanoma.distributed import ShardedBatchSampler, is_launch_rank_zero
 from melanoma.io import atomic_write_bytes, read_json, save_figure, write_csv, write_json
 from melanoma.models import ModelSpec, build_model, default_normalization
@@ -58,6 +58,7 @@ class TrainConfig:
     # Recipe fields: None means "the recipe's value" (see RECIPES); set one to override it.
     preset: str | None = None
     balance: str | None = None
+    era_balance: bool | None = None   # sampler only: equal draws of each acquisition era within a class
     epochs: int | None = None
     batch_size: int | None = None
     lr: float | None = None
@@ -118,7 +119,7 @@ class TrainConfig:
 _PACKAGED_WEIGHTS = ("tf_efficientnet_lite0", "tf_efficientnet_lite2")
 RECIPES: dict[str, dict] = {
     # The course notebook: Keras defaults (Adam 1e-3, batch 32), no schedule, 180 px, trained from scratch.
-    "seed": dict(preset="seed", balance="none", epochs=20, batch_size=32, lr=1e-3, optimizer="adam",
+    "seed": dict(preset="seed", balance="none", era_balance=False, epochs=20, batch_size=32, lr=1e-3, optimizer="adam",
                  weight_decay=0.0, label_smoothing=0.0, schedule="constant", warmup_epochs=0.0, freeze_epochs=0,
                  freeze_stages=0, backbone_lr_scale=1.0, ema_decay=0.0, tta=False, weights="none", image_size=180),
     # Fine-tuning an ImageNet backbone on ~2,000 images on a CPU (chosen on the validation split, never on Test):
@@ -128,6 +129,7 @@ RECIPES: dict[str, dict] = {
         # more often than their share, without repeating a class of a handful of images (cleaning leaves 2 SK) 1/9 of
         # every batch
         balance="sampler:0.5",
+        era_balance=False,
         epochs=15, batch_size=32,
         lr=1e-3,                  # head LR; the backbone gets backbone_lr_scale of it
         optimizer="adamw", weight_decay=0.01,
@@ -228,6 +230,12 @@ def prepare_data(config: TrainConfig, run_dir: Path | None = None, log=print) ->
                             summary=_data_summary(index, pool, manifest, classes, split, test_part, config))
     _log_data_summary(prepared.summary, log)
     return prepared
+
+
+def train_image_names(data: PreparedData) -> list[str]:
+    """The file each training image is (or, for an expanded copy, was made from), in training order."""
+    names = [row["path"] for row in data.split_rows if row["role"] == "train"]
+    return names + [data.pool_names[source] for source in data.train_sources[len(names):]]
 
 
 def _check_labels_known(pool: Selection, classes: list[str]) -> None:
@@ -628,7 +636,8 @@ def prepare_run_dir(config: TrainConfig) -> Path:
 
 def validate_config(config: TrainConfig) -> None:
     """Every flag checked before any data is read or anything written."""
-    parse_balance(config.balance)
+    if parse_balance(config.balance).mode != "sampler" and config.era_balance:
+        raise RunError(f"--era-balance needs a sampler (--balance sampler or sampler:P), not '{config.balance}'")
     if config.preset not in PRESETS:
         raise PresetError(f"unknown augmentation preset '{config.preset}' (choose from: {', '.join(PRESETS)})")
     if config.epochs < 1 or config.batch_size < 1:
@@ -787,7 +796,8 @@ def _build_trainer(config: TrainConfig, model, data: PreparedData, run_dir: Path
     transform = train_transform(config.preset, spec.image_size)
     balance = parse_balance(config.balance)
     train_set = ArrayDataset(data.train_images, data.train_labels, transform)
-    sampler = balanced_sampler(data.train_labels, len(data.classes), config.seed, balance.power) \
+    eras = [acquisition_era(name) for name in train_image_names(data)] if config.era_balance else None
+    sampler = balanced_sampler(data.train_labels, len(data.classes), config.seed, balance.power, groups=eras) \
         if balance.mode == "sampler" else None
     generator = torch.Generator().manual_seed(config.seed)
     generators = [generator] + ([sampler.generator] if sampler is not None else [])
