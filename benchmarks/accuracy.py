@@ -54,7 +54,8 @@ def main() -> None:
     # write_results adds the machine (processor, GPU model) to the JSON
     write_results(f"accuracy_{args.model}" + ("" if args.accelerator == "cpu" else "_gpu"),
                   {"run": str(run_dir), "train_minutes": round(minutes, 2), "config": config_used,
-                   "alert": metrics["alert"], "validation_balanced_accuracy": metrics["validation"]["balanced_accuracy"],
+                   "alert": metrics["alert"],
+                   "validation_balanced_accuracy": metrics["validation"]["balanced_accuracy"],
                    "results": rows}, args.json)
 
 

@@ -92,7 +92,8 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
-    row = {"requests": args.requests, "concurrency": args.concurrency, "tta": not args.no_tta, "seconds": round(seconds, 1),
+    row = {"requests": args.requests, "concurrency": args.concurrency, "tta": not args.no_tta,
+           "seconds": round(seconds, 1),
            "requests_per_s": round(args.requests / seconds, 1),
            "p50_ms": round(float(np.percentile(latencies, 50)), 1),
            "p99_ms": round(float(np.percentile(latencies, 99)), 1), "errors": errors}

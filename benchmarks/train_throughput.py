@@ -3,8 +3,8 @@
     python benchmarks/train_throughput.py [--model seed-cnn] [--size 180] [--batch 32] [--steps 40] [--out FILE]
 
 Runs the same pieces `melanoma train` uses (decoded uint8 cache, per-image v2 augmentation, channels_last model,
-Adam, bf16 autocast where the CPU has native bf16) for a fixed number of steps after a warm-up. Target (issue #3): seed-cnn at 180x180, batch 32, >= 60 images/s on
-2 cores (TF/Keras does about 27-30 here).
+Adam, bf16 autocast where the CPU has native bf16) for a fixed number of steps after a warm-up. Target (issue #3):
+seed-cnn at 180x180, batch 32, >= 60 images/s on 2 cores (TF/Keras does about 27-30 here).
 """
 from __future__ import annotations
 

@@ -54,8 +54,8 @@ def test_report_renders_with_its_figures(browser, run_dir):
     assert len(images) >= 3
     assert all(browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", img)
                for img in images)
-    figures = [img for img in images if img.get_attribute("alt") in ("Training curves", "Confusion matrix (Test, all "
-                                                                    "images)", "ROC curves, one vs rest (Test, all images)")]
+    wanted = ("Training curves", "Confusion matrix (Test, all images)", "ROC curves, one vs rest (Test, all images)")
+    figures = [img for img in images if img.get_attribute("alt") in wanted]
     assert len(figures) == 3
     _screenshot(browser, "report.png")
 

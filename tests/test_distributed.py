@@ -25,8 +25,9 @@ def shards(count: int, batch_size: int, world_size: int) -> list[list[list[int]]
             for rank in range(world_size)]
 
 
-@pytest.mark.parametrize("count, world_size", [(count, world_size) for world_size in (2, 3)
-                                               for count in (2, 3, 7, 15, 16, 17, 33, 64, 65, 100) if count >= world_size])
+@pytest.mark.parametrize("count, world_size", [
+    (count, world_size) for world_size in (2, 3) for count in (2, 3, 7, 15, 16, 17, 33, 64, 65, 100)
+    if count >= world_size])
 @pytest.mark.parametrize("batch_size", [1, 4, 8])
 def test_every_sample_goes_to_exactly_one_process(count, batch_size, world_size):
     per_rank = shards(count, batch_size, world_size)

@@ -59,7 +59,9 @@ def test_ema_changes_what_is_validated_not_how_it_trains(tiny, tmp_path):
     plain = train(_finetune(tiny, tmp_path / "plain", freeze_epochs=0, weights="none"), log=lambda *_: None)
     averaged = train(_finetune(tiny, tmp_path / "ema", freeze_epochs=0, weights="none", ema_decay=0.5),
                      log=lambda *_: None)
-    read = lambda run: list(csv.DictReader((run / "history.csv").open()))
+    def read(run):
+        return list(csv.DictReader((run / "history.csv").open()))
+
     assert [r["train_loss"] for r in read(plain)] == [r["train_loss"] for r in read(averaged)]
     assert read(plain)[-1]["val_loss"] != read(averaged)[-1]["val_loss"]
 

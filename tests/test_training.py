@@ -83,7 +83,9 @@ def test_leaky_protocol_trains_on_copies_of_validation_images(tiny, tmp_path):
 def test_same_seed_same_metrics(tiny, tmp_path):
     first = train(_config(tiny, tmp_path / "a"), log=lambda *_: None)
     second = train(_config(tiny, tmp_path / "b"), log=lambda *_: None)
-    read = lambda run: [(r["train_loss"], r["val_loss"]) for r in csv.DictReader((run / "history.csv").open())]
+    def read(run):
+        return [(r["train_loss"], r["val_loss"]) for r in csv.DictReader((run / "history.csv").open())]
+
     assert read(first) == read(second)
     assert json.loads((first / "metrics.json").read_text())["test"] == \
         json.loads((second / "metrics.json").read_text())["test"]
@@ -124,7 +126,9 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny, tmp_path):
     with pytest.raises(RunError, match="already exists"):
         train(_config(tiny, killed, epochs=3), log=lambda *_: None)
     train(_config(tiny, killed, epochs=3, resume=True), log=lambda *_: None)
-    read = lambda run: [(r["epoch"], r["train_loss"], r["val_loss"]) for r in csv.DictReader((run / "history.csv").open())]
+    def read(run):
+        return [(r["epoch"], r["train_loss"], r["val_loss"]) for r in csv.DictReader((run / "history.csv").open())]
+
     assert read(killed) == read(reference)
 
 

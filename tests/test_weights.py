@@ -75,7 +75,8 @@ def test_imagenet_weights_are_real_grace_hopper_top5(lite0_imagenet):
     model = build_model(ModelSpec("tf_efficientnet_lite0", 1000, 224, *TF_INPUT)).eval()
     model.network.load_state_dict(lite0_imagenet, strict=True)
     top5 = _top5(model, image)
-    expected = {"military uniform", "academic gown", "mortarboard", "suit", "Windsor tie", "bow tie", "bulletproof vest"}
+    expected = {"military uniform", "academic gown", "mortarboard", "suit", "Windsor tie", "bow tie",
+                "bulletproof vest"}
     assert len(expected & set(top5)) >= 2, top5
 
 

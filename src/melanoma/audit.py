@@ -429,7 +429,8 @@ def write_audit(result: AuditResult, index: DatasetIndex, out_dir: str | os.Path
     leak_figure = _leak_pairs_figure(index, result)
     if leak_figure is not None:
         written["leaks_png"] = save_figure(leak_figure, out / "leaks.png")
-    written["markdown"] = atomic_write_text(out / "audit.md", audit_markdown(result, [str(p) for p in written.values()]))
+    written["markdown"] = atomic_write_text(out / "audit.md",
+                                            audit_markdown(result, [str(p) for p in written.values()]))
     return written
 
 
@@ -498,14 +499,16 @@ def audit_markdown(result: AuditResult, files: Sequence[str], limit: int = 40) -
     lines += _counts_table(result)
     lines += [f"![{name}]({name})" for name in ("class_counts.png", "samples.png", "leaks.png")
               if any(str(f).endswith(name) for f in files)] + [""]
-    lines += _section("Cross-split leaks", ["file", "reason", "lesion_id", "train_files"], result.cross_split_leaks, limit)
+    lines += _section("Cross-split leaks", ["file", "reason", "lesion_id", "train_files"], result.cross_split_leaks,
+                      limit)
     lines += _section("Label conflicts", ["files", "labels", "kind"], result.label_conflicts, limit)
     lines += _section("Official-truth disagreements", ["file", "folder_label", "official_label", "source"],
                       result.truth_disagreements, limit)
     lines += _section("Unreadable or skipped files", ["file", "error"], result.unreadable, limit)
     lines += _section("Odd sizes or modes", ["file", "problems"], result.odd_images, limit)
     lines += ["## Settings", "", f"Near-duplicate threshold: {result.config['near_threshold']} of "
-              f"{result.config['hash_size'] ** 2} pHash bits. Truth files: {', '.join(result.config['truth_files']) or 'none'}.",
+              f"{result.config['hash_size'] ** 2} pHash bits. "
+              f"Truth files: {', '.join(result.config['truth_files']) or 'none'}.",
               "", "`clean_manifest.csv` lists every image with its recommended action.", ""]
     return "\n".join(lines)
 

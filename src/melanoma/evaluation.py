@@ -80,7 +80,8 @@ def _one_vs_rest_auc(positive: np.ndarray, score: np.ndarray) -> float | None:
 
 def melanoma_metrics(is_melanoma: np.ndarray, melanoma_probability: np.ndarray, predicted_melanoma: np.ndarray,
                      threshold: float | None) -> dict:
-    """Melanoma vs rest: AUC, and sensitivity/specificity of the top-class call and (if given) of the alert threshold."""
+    """Melanoma vs rest: AUC, and sensitivity/specificity of the top-class call and (if given) of the alert
+    threshold."""
     from sklearn.metrics import roc_auc_score
 
     positives, negatives = is_melanoma.sum(), (~is_melanoma).sum()
@@ -276,7 +277,8 @@ def _log_evaluation(report: dict, out_dir, log) -> None:
     for subset in ("all", "clean"):
         m = report[subset]
         ci = m.get("ci", {})
-        parts = [f"{subset} (n={m['n']}): balanced accuracy {_with_ci(ci, 'balanced_accuracy', m['balanced_accuracy'])}",
+        balanced = _with_ci(ci, "balanced_accuracy", m["balanced_accuracy"])
+        parts = [f"{subset} (n={m['n']}): balanced accuracy {balanced}",
                  f"macro F1 {m['macro_f1']:.3f}"]
         if "melanoma" in m:
             parts.append(f"melanoma AUC {_with_ci(ci, 'melanoma_auc', m['melanoma']['auc'])}")

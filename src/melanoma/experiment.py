@@ -1,5 +1,5 @@
-"""``melanoma experiment seed-study``: the course notebook's three experiments, run with its leaky protocol and leak-free,
-each scored on the Test folder.
+"""``melanoma experiment seed-study``: the course notebook's three experiments, run with its leaky protocol and
+leak-free, each scored on the Test folder.
 
 The notebook's story: a baseline CNN overfits (val acc 0.54), augmentation makes it underfit (0.48), and adding 500
 Augmentor rotations per class "fixes" it (0.88). That last number is leakage: the rotated copies were written into the

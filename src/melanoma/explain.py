@@ -40,7 +40,8 @@ class Explanation:
     error: str | None = None
 
 
-def grad_cam(model: nn.Module, pixels: np.ndarray, image_size: int, target: int | None = None) -> tuple[np.ndarray, int]:
+def grad_cam(model: nn.Module, pixels: np.ndarray, image_size: int,
+             target: int | None = None) -> tuple[np.ndarray, int]:
     """A heatmap in [0, 1] the size of ``pixels`` for class ``target`` (default: the predicted class)."""
     from captum.attr import LayerAttribution, LayerGradCam
 

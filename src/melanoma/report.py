@@ -62,7 +62,8 @@ def write_run_report(run_dir: str | Path, gallery_size: int = 12) -> Path:
     figures = _figures(run_dir, config, metrics)
     sections = [
         f"<h1>melanoma run: {html.escape(run_dir.name)}</h1>",
-        f"<p class='note'>{html.escape(config['model']['name'])}, recipe {html.escape(str(config['config'].get('recipe')))}"
+        f"<p class='note'>{html.escape(config['model']['name'])}, "
+        f"recipe {html.escape(str(config['config'].get('recipe')))}"
         f", seed {config['config']['seed']}. Command: <code>{html.escape(config.get('command', ''))}</code></p>",
         "<p class='banner'>Research tool, not a medical device. Test images are only scored, never used to choose "
         "anything; the melanoma alert threshold was chosen on the validation split.</p>",
@@ -92,7 +93,8 @@ def _figures(run_dir: Path, config: dict, metrics: dict) -> dict[str, Path]:
     from melanoma.io import save_figure
     from melanoma.plots import confusion_figure, roc_pr_figures
 
-    figures = {name: run_dir / f"{name}.png" for name in ("curves", "reliability") if (run_dir / f"{name}.png").is_file()}
+    figures = {name: run_dir / f"{name}.png" for name in ("curves", "reliability")
+               if (run_dir / f"{name}.png").is_file()}
     if "test" not in metrics:
         return figures
     classes = config["classes"]
@@ -163,7 +165,8 @@ def _data_section(run_dir: Path, data: dict) -> str:
                    f"and {summary['truth_disagreements'] if summary['truth_disagreements'] is not None else 'n/a'} "
                    "folder labels contradicted by official ISIC truth (details in <code>audit/audit.md</code>).</p>")
     cleaning = "used the audit clean-up" if data["cleaned"] else "used the folders as they are (--no-clean)"
-    return (f"<h2>Data</h2>{flagged}<p>Training {cleaning}: dropped {dropped}; relabelled {data['relabelled']}. Protocol "
+    return (f"<h2>Data</h2>{flagged}<p>Training {cleaning}: dropped {dropped}; relabelled {data['relabelled']}. "
+            "Protocol "
             f"{html.escape(data['protocol'])}, balancing {html.escape(data['balance'])} "
             f"({data['expanded_copies']} generated copies).</p><table><thead><tr><th>class</th><th>train</th>"
             f"<th>validation</th><th>Test</th></tr></thead><tbody>{rows}</tbody></table>")

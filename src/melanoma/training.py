@@ -882,7 +882,8 @@ def _alert_threshold(data: PreparedData, val_probs: np.ndarray, target: float) -
     if MELANOMA not in data.classes:
         return None
     index = data.classes.index(MELANOMA)
-    return threshold_for_sensitivity(data.val_labels == index, val_probs[:, index], target) | {"chosen_on": "validation"}
+    chosen = threshold_for_sensitivity(data.val_labels == index, val_probs[:, index], target)
+    return chosen | {"chosen_on": "validation"}
 
 
 def _prediction_rows(data: PreparedData, probs: np.ndarray) -> list[dict]:
