@@ -179,6 +179,16 @@ def test_bad_flags_fail_before_anything_is_written(tiny, tmp_path, capsys):
         assert not out.exists()
 
 
+def test_split_seed_fixes_the_validation_set_while_the_seed_changes(tiny, tmp_path):
+    def validation_names(**overrides):
+        data = prepare_data(_config(tiny, tmp_path / "x", test_split="", **overrides).resolved(), log=lambda *_: None)
+        return [row["path"] for row in data.split_rows if row["role"] == "val"]
+
+    reference = validation_names(seed=42)
+    assert validation_names(seed=7, split_seed=42) == reference
+    assert validation_names(seed=7) != reference
+
+
 def test_era_balanced_sampling_trains_and_names_every_training_image(tiny, tmp_path):
     config = _config(tiny, tmp_path / "era", epochs=1, balance="expand:3", test_split="")
     data = prepare_data(config.resolved(), log=lambda *_: None)

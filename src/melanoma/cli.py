@@ -82,6 +82,7 @@ def _train_config(args: argparse.Namespace) -> "TrainConfig":
         ema_decay=args.ema, tta=args.tta, weights=args.weights, image_size=args.image_size,
         colour_constancy=args.colour_constancy,
         val_fraction=args.val_fraction, target_sensitivity=args.target_sensitivity, seed=args.seed,
+        split_seed=args.split_seed,
         clean=not args.no_clean, relabel=args.relabel,
         audit=args.audit, truth=args.truth or [], test_split=args.test_split, early_stopping=args.early_stopping,
         num_workers=args.workers, threads=args.threads, accelerator=args.accelerator, devices=args.devices,
@@ -285,7 +286,9 @@ def _add_training_flags(parser: argparse.ArgumentParser, default_out: str) -> No
     model.add_argument("--ema", type=float, help="EMA decay of the weights (0 = off)")
     model.add_argument("--tta", action=argparse.BooleanOptionalAction, help="average 8 flips/rotations at evaluation")
     model.add_argument("--early-stopping", type=int, default=0, help="patience in epochs on val loss (0 = off)")
-    model.add_argument("--seed", type=int, default=42)
+    model.add_argument("--seed", type=int, default=42, help="seed of everything random (default: 42)")
+    model.add_argument("--split-seed", type=int, help="seed of the train/validation split only (default: --seed); "
+                                                      "fix it to compare training seeds on one validation set")
     run = parser.add_argument_group("run")
     run.add_argument("--out", default=default_out, help=f"run folder (default: {default_out})")
     run.add_argument("--overwrite", action="store_true", help="replace an existing run folder")

@@ -80,6 +80,7 @@ class TrainConfig:
     bootstrap: int = 1000             # stratified bootstrap resamples for the Test confidence intervals (0 = none)
     protocol: str = "leak-free"       # leak-free: split, then balance | leaky: expand, then split (the course bug)
     seed: int = 42
+    split_seed: int | None = None     # seed of the train/validation split; default: seed. Fix it to compare seeds
     clean: bool = True                # apply the audit's clean_manifest.csv actions
     relabel: bool = False             # train on official-truth labels where the audit found a contradiction
     audit: str | None = None          # an audit folder (or clean_manifest.csv); default: audit now, into the run
@@ -248,9 +249,13 @@ def resolve_image_size(config: TrainConfig) -> int:
     return config.image_size or config.resolved().image_size
 
 
+def split_seed(config: TrainConfig) -> int:
+    return config.seed if config.split_seed is None else config.split_seed
+
+
 def _split_then_expand(images, labels, groups, names, balance: Balance, classes: list[str], config: TrainConfig):
     num_classes = len(classes)
-    train_idx, val_idx = grouped_stratified_split(labels, groups, config.val_fraction, config.seed, classes)
+    train_idx, val_idx = grouped_stratified_split(labels, groups, config.val_fraction, split_seed(config), classes)
     train_images, train_labels = images[train_idx], labels[train_idx]
     sources = np.full(len(train_idx), -1, dtype=np.int64)
     rows = [{"path": names[i], "label": int(labels[i]), "role": "train"} for i in train_idx]
@@ -272,7 +277,7 @@ def _leaky_expand_then_split(images, labels, names, balance: Balance, num_classe
         new_images, new_labels, new_sources = expand(images, labels, balance.copies, num_classes, config.seed)
         images, labels = np.concatenate([images, new_images]), np.concatenate([labels, new_labels])
         sources = np.concatenate([sources, new_sources])
-    train_idx, val_idx = random_split(len(labels), config.val_fraction, config.seed)
+    train_idx, val_idx = random_split(len(labels), config.val_fraction, split_seed(config))
     origin = [names[s] + ("" if i < len(names) else " (expanded copy)") for i, s in enumerate(sources)]
     rows = [{"path": origin[i], "label": int(labels[i]), "role": "train"} for i in train_idx]
     rows += [{"path": origin[i], "label": int(labels[i]), "role": "val"} for i in val_idx]
