@@ -1,12 +1,15 @@
 """Does a run tell melanoma from nevus by the lesion, or by the image's age? A validation-only diagnostic.
 
-ISIC ids below ISIC_0010000 are the archive's oldest images (the 2016-2017 challenge era). In this dataset almost
-every training nevus is from that era while half of the training melanomas are newer, so "new-looking image" is a
-shortcut to "not a nevus" that a validation score over all images rewards. This script re-scores each run's own
+ISIC ids below ISIC_0010000 are the archive's oldest images (the 2016-2017 challenge era). In this dataset four in
+five training nevi are from that era while most training melanomas are newer, so "new-looking image" is a shortcut
+to "not a nevus" that a validation score over all images rewards. This script re-scores each run's own
 validation split (drawn from Train; nothing from Test is scored) and reports melanoma-vs-rest AUC and melanoma recall
 at the run's alert threshold over all validation images and over the old-era ones only, where the shortcut is no use.
 
-    python benchmarks/era_shift.py RUN [RUN ...] [--json FILE]
+    python benchmarks/era_shift.py REFERENCE_RUN [RUN ...] [--resamples N] [--json FILE]
+
+Each run's old-era AUC gets a 95% bootstrap interval, and each later run its paired difference from the first (the
+same resampled images for every run), because 33 old-era melanomas cannot separate small differences.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from melanoma.data import ERAS, MELANOMA, acquisition_era
 from melanoma.inference import Run
 from melanoma.io import read_json
 from melanoma.training import TrainConfig, prepare_data
+
 
 def era_scores(run_dir: Path) -> dict:
     config = TrainConfig.from_dict(read_json(run_dir / "config.json")["config"])
@@ -42,23 +46,61 @@ def era_scores(run_dir: Path) -> dict:
                 "melanoma_recall_at_alert": float(alert[positives].mean()),
                 "melanomas_called_nevus": float((probs[positives].argmax(1) == nevus).mean())}
 
-    return {"run": str(run_dir), "threshold": run.threshold, "all": summary(np.ones(len(old), dtype=bool)),
-            "old_era": summary(old)}
+    validation = read_json(run_dir / "metrics.json")["validation"]
+    return {"run": str(run_dir), "threshold": run.threshold,
+            "validation_balanced_accuracy": validation["balanced_accuracy"],
+            "all": summary(np.ones(len(old), dtype=bool)), "old_era": summary(old),
+            "_paired": {"names": names, "old": old, "is_melanoma": is_melanoma, "score": probs[:, melanoma]}}
+
+
+def paired_old_era_bootstrap(results: list[dict], resamples: int = 2000, seed: int = 0) -> None:
+    """95% intervals of each run's old-era melanoma AUC and of its difference from the first run's, from the same
+    resamples of the old-era validation images (melanomas and the rest resampled separately). Adds them in place."""
+    first = results[0]["_paired"]
+    for result in results[1:]:
+        if result["_paired"]["names"] != first["names"]:
+            raise SystemExit(f"{result['run']} has another validation split than {results[0]['run']}: "
+                             "paired comparison needs the same split (train with the same --split-seed)")
+    positives = np.flatnonzero(first["old"] & first["is_melanoma"])
+    negatives = np.flatnonzero(first["old"] & ~first["is_melanoma"])
+    rng = np.random.default_rng(seed)
+    aucs = np.empty((resamples, len(results)))
+    for row in range(resamples):
+        picked = np.concatenate([rng.choice(positives, len(positives)), rng.choice(negatives, len(negatives))])
+        truth = first["is_melanoma"][picked]
+        aucs[row] = [roc_auc_score(truth, result["_paired"]["score"][picked]) for result in results]
+    for column, result in enumerate(results):
+        low, high = np.percentile(aucs[:, column], [2.5, 97.5])
+        difference = aucs[:, column] - aucs[:, 0]
+        result["old_era"]["melanoma_auc_ci95"] = [float(low), float(high)]
+        if column:
+            result["old_era"]["auc_minus_first_ci95"] = [float(v) for v in np.percentile(difference, [2.5, 97.5])]
+            result["old_era"]["share_of_resamples_above_first"] = float((difference > 0).mean())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders; the first is the reference")
+    parser.add_argument("--resamples", type=int, default=2000, help="paired bootstrap resamples (default: 2000)")
     parser.add_argument("--json")
     args = parser.parse_args()
     results = [era_scores(run) for run in args.runs]
-    rows = [{"run": r["run"], "validation images": subset, "n (melanomas)": f"{r[subset]['images']} "
-             f"({r[subset]['melanomas']})", "melanoma AUC": r[subset]["melanoma_auc"],
-             "recall at alert": r[subset]["melanoma_recall_at_alert"],
-             "melanomas called nevus": r[subset]["melanomas_called_nevus"]}
-            for r in results for subset in ("all", "old_era")]
+    paired_old_era_bootstrap(results, args.resamples)
+    rows = []
+    for r in results:
+        old = r["old_era"]
+        difference = old.get("auc_minus_first_ci95")
+        rows.append({"run": r["run"], "val bal acc": r["validation_balanced_accuracy"],
+                     "AUC all (n mel)": f"{r['all']['melanoma_auc']:.3f} ({r['all']['melanomas']})",
+                     "AUC old era (n mel)": f"{old['melanoma_auc']:.3f} ({old['melanomas']})",
+                     "old-era 95% CI": "[{:.3f}, {:.3f}]".format(*old["melanoma_auc_ci95"]),
+                     "minus first, 95% CI": "[{:+.3f}, {:+.3f}]".format(*difference) if difference else "",
+                     "old-era recall at alert": old["melanoma_recall_at_alert"],
+                     "old-era melanomas called nevus": old["melanomas_called_nevus"]})
     print_table(rows, list(rows[0]))
-    write_results("era_shift", {"results": results}, args.json)
+    for r in results:
+        del r["_paired"]
+    write_results("era_shift", {"results": results, "resamples": args.resamples}, args.json)
 
 
 if __name__ == "__main__":
