@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 import shutil
 
 import numpy as np
@@ -202,3 +203,17 @@ def test_compare_and_report_cli(trained, tmp_path, capsys):
     assert f"{metrics['balanced_accuracy']:.3f}" in table[2]
     assert cli_main(["compare", str(tmp_path)]) == 2
     assert "no metrics.json" in capsys.readouterr().err
+
+
+def test_report_shows_validation_within_each_era(trained, tmp_path):
+    import shutil
+
+    _, run = trained
+    copy = Path(shutil.copytree(run, tmp_path / "run"))
+    metrics = json.loads((copy / "metrics.json").read_text())
+    assert "<td>archive 2016-17</td>" not in (copy / "report.html").read_text()  # tiny data: one era only
+    metrics["validation_by_era"] = {"archive 2016-17": metrics["validation"], "later": metrics["validation"]}
+    (copy / "metrics.json").write_text(json.dumps(metrics))
+    assert cli_main(["report", str(copy)]) == 0
+    page = (copy / "report.html").read_text()
+    assert "Validation (split from Train)" in page and "<td>archive 2016-17</td>" in page and "<td>later</td>" in page

@@ -189,6 +189,25 @@ def test_split_seed_fixes_the_validation_set_while_the_seed_changes(tiny, tmp_pa
     assert validation_names(seed=7) != reference
 
 
+def test_validation_is_also_scored_within_each_acquisition_era():
+    from types import SimpleNamespace
+
+    from sklearn.metrics import roc_auc_score
+
+    from melanoma.training import validation_by_era
+
+    names = [f"melanoma/ISIC_{i:07d}.jpg" for i in (1, 2, 3, 4, 24001, 24002, 24003, 24004)]
+    labels = np.array([0, 0, 1, 1, 0, 1, 1, 2])
+    probs = np.random.default_rng(0).dirichlet(np.ones(3), size=8)
+    data = SimpleNamespace(classes=list(CLASSES), val_labels=labels,
+                           split_rows=[{"path": n, "role": "val"} for n in names] + [{"path": "x", "role": "train"}])
+    by_era = validation_by_era(data, probs, threshold=0.5)
+    assert list(by_era) == ["archive 2016-17", "later"] and [m["n"] for m in by_era.values()] == [4, 4]
+    assert by_era["later"]["melanoma"]["auc"] == pytest.approx(roc_auc_score(labels[4:] == 0, probs[4:, 0]))
+    data.split_rows = [{"path": n, "role": "val"} for n in names[:4] * 2]
+    assert validation_by_era(data, probs, threshold=0.5) == {}  # one era: nothing to add
+
+
 def test_era_balanced_sampling_trains_and_names_every_training_image(tiny, tmp_path):
     config = _config(tiny, tmp_path / "era", epochs=1, balance="expand:3", test_split="")
     data = prepare_data(config.resolved(), log=lambda *_: None)

@@ -68,6 +68,7 @@ def write_run_report(run_dir: str | Path, gallery_size: int = 12) -> Path:
         "<p class='banner'>Research tool, not a medical device. Test images are only scored, never used to choose "
         "anything; the melanoma alert threshold was chosen on the validation split.</p>",
         _headline_section(metrics),
+        _validation_section(metrics),
         _data_section(run_dir, data),
         _figure_section("Training curves", figures.get("curves")),
         _figure_section("Confusion matrix (Test, all images)", figures.get("confusion")),
@@ -141,6 +142,23 @@ def _headline_section(metrics: dict) -> str:
             f"specificity are at the melanoma alert threshold {threshold}, chosen on validation for sensitivity "
             f"{alert.get('target_sensitivity', 'n/a')}. Best epoch {metrics.get('best_epoch')} of "
             f"{metrics.get('epochs_run')}; test-time augmentation {'on' if metrics.get('tta') else 'off'}.</p>")
+
+
+def _validation_section(metrics: dict) -> str:
+    """Validation over all images and within each acquisition era (where the run has both)."""
+    subsets = {"all": metrics["validation"], **metrics.get("validation_by_era", {})}
+    rows = []
+    for name, m in subsets.items():
+        auc = (m.get("melanoma") or {}).get("auc")
+        melanomas = m["per_class"].get("melanoma", {}).get("support", "n/a")
+        rows.append(f"<tr><td>{html.escape(name)}</td><td>{m['n']}</td><td>{melanomas}</td>"
+                    f"<td>{m['balanced_accuracy']:.3f}</td><td>{'n/a' if auc is None else f'{auc:.3f}'}</td></tr>")
+    note = ("<p class='note'>Within one era the image's age cannot stand in for its class; on these data the "
+            "'archive 2016-17' row is the one that predicts how melanomas from other clinics fare.</p>"
+            if len(subsets) > 1 else "")
+    return ("<h2>Validation (split from Train)</h2><table><thead><tr><th>images</th><th>n</th><th>melanomas</th>"
+            "<th>balanced accuracy</th><th>melanoma AUC</th></tr></thead><tbody>" + "".join(rows)
+            + "</tbody></table>" + note)
 
 
 def _ci_cell(interval: dict | None) -> str:

@@ -32,7 +32,8 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampl
 from melanoma.calibration import (apply_temperature, calibration_summary, fit_temperature,
                                   reliability_figure)
 from melanoma.balance import Balance, balanced_sampler, class_counts, class_weights, expand, parse_balance
-from melanoma.data import DataError, DatasetIndex, acquisition_era, build_cache, display_name, load_dataset
+from melanoma.data import (ERAS, MELANOMA, DataError, DatasetIndex, acquisition_era, build_cache, display_name,
+                           load_dataset)
 from melanoma.distributed import ShardedBatchSampler, is_launch_rank_zero
 from melanoma.io import atomic_write_bytes, read_json, save_figure, write_csv, write_json
 from melanoma.models import ModelSpec, build_model, default_normalization
@@ -844,6 +845,9 @@ def finish_run(run_dir: Path, data: PreparedData, config: TrainConfig, history: 
     metrics = {"best_epoch": payload["epoch"], "epochs_run": len(history), "tta": config.tta,
                "final_epoch": history[-1] if history else {}, "alert": alert, "calibration": calibration,
                "validation": compute_metrics(data.val_labels, val_probs, data.classes, threshold)}
+    by_era = validation_by_era(data, val_probs, threshold)
+    if by_era:
+        metrics["validation_by_era"] = by_era
     if len(data.test_labels):
         raw_test_probs = predict_probabilities(model, data.test_images, spec.image_size, tta=config.tta,
                                                device=device)
@@ -870,6 +874,21 @@ def finish_run(run_dir: Path, data: PreparedData, config: TrainConfig, history: 
     return metrics
 
 
+def validation_by_era(data: PreparedData, val_probs: np.ndarray, threshold: float | None) -> dict:
+    """Validation metrics per acquisition era (see melanoma.data.acquisition_era), where both eras are present.
+
+    A score over all validation images rewards telling the eras apart, which here also tells most nevi from most
+    melanomas; within one era that shortcut is no use, so these are the figures to watch for new images."""
+    from melanoma.evaluation import compute_metrics
+
+    names = [row["path"] for row in data.split_rows if row["role"] == "val"]
+    eras = np.array([acquisition_era(name) for name in names])
+    if len(set(eras)) < 2:
+        return {}
+    return {era: compute_metrics(data.val_labels[eras == era], val_probs[eras == era], data.classes, threshold)
+            for era in ERAS if (eras == era).any()}
+
+
 def _calibrate(run_dir: Path, val_probs: np.ndarray, val_labels: np.ndarray) -> dict:
     """Temperature scaling on validation, with its before/after measures and a reliability diagram."""
     temperature = fit_temperature(val_probs, val_labels)
@@ -881,7 +900,6 @@ def _calibrate(run_dir: Path, val_probs: np.ndarray, val_labels: np.ndarray) -> 
 
 
 def _alert_threshold(data: PreparedData, val_probs: np.ndarray, target: float) -> dict | None:
-    from melanoma.data import MELANOMA
     from melanoma.evaluation import threshold_for_sensitivity
 
     if MELANOMA not in data.classes:
@@ -903,6 +921,12 @@ def _log_metrics(metrics: dict, log) -> None:
     val = metrics["validation"]
     log(f"best epoch {metrics['best_epoch']}: validation accuracy {val['accuracy']:.3f}, "
         f"balanced accuracy {val['balanced_accuracy']:.3f}")
+    for era, m in metrics.get("validation_by_era", {}).items():
+        mel = m.get("melanoma", {})
+        auc = f"{mel['auc']:.3f}" if mel.get("auc") is not None else "n/a"
+        melanomas = m["per_class"].get(MELANOMA, {}).get("support", 0)
+        log(f"  validation, {era} images (n={m['n']}, {melanomas} melanomas): balanced accuracy "
+            f"{m['balanced_accuracy']:.3f}, melanoma AUC {auc}")
     for subset in ("all", "clean"):
         if "test" in metrics:
             m = metrics["test"][subset]
