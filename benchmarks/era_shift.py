@@ -1,10 +1,11 @@
 """Does a run tell melanoma from nevus by the lesion, or by the image's age? A validation-only diagnostic.
 
 ISIC ids below ISIC_0010000 are the archive's oldest images (the 2016-2017 challenge era). In this dataset four in
-five training nevi are from that era while most training melanomas are newer, so "new-looking image" is a shortcut
-to "not a nevus" that a validation score over all images rewards. This script re-scores each run's own
-validation split (drawn from Train; nothing from Test is scored) and reports melanoma-vs-rest AUC and melanoma recall
-at the run's alert threshold over all validation images and over the old-era ones only, where the shortcut is no use.
+five Train nevi (223 of 224 after the audit's clean-up) are from that era while about half the Train melanomas are
+newer, so "new-looking image" is a shortcut to "not a nevus" that a validation score over all images rewards.
+This script re-scores each run's own validation split (drawn from Train; nothing from Test is scored) and reports
+melanoma-vs-rest AUC and melanoma recall at the run's alert threshold over all validation images and over the
+old-era ones only, where the shortcut is no use.
 
     python benchmarks/era_shift.py REFERENCE_RUN [RUN ...] [--resamples N] [--json FILE]
 
