@@ -1,0 +1,32 @@
+"""The accuracy benchmark trains exactly what `melanoma train` would with the same flags."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+from conftest import REPO, requires_shared_data
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import accuracy  # noqa: E402  (benchmarks/ is not a package)
+
+
+@requires_shared_data
+def test_accuracy_benchmark_passes_train_flags_through():
+    config = accuracy.benchmark_config("runs/x", ["--epochs", "8", "--image-size", "180", "--era-balance",
+                                                  "--seed", "7"]).resolved()
+    assert (config.epochs, config.image_size, config.era_balance, config.seed) == (8, 180, True, 7)
+    assert config.truth and config.overwrite and not config.progress and config.out == "runs/x"
+
+
+@requires_shared_data
+def test_accuracy_benchmark_defaults_to_the_default_recipe():
+    config = accuracy.benchmark_config("runs/x", []).resolved()
+    assert (config.model, config.recipe, config.epochs, config.image_size) == ("tf_efficientnet_lite0", "finetune",
+                                                                               15, 224)
+
+
+@requires_shared_data
+def test_accuracy_benchmark_rejects_an_unknown_flag(capsys):
+    with pytest.raises(SystemExit):
+        accuracy.benchmark_config("runs/x", ["--epochz", "8"])
+    assert "--epochz" in capsys.readouterr().err
