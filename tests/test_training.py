@@ -230,3 +230,11 @@ def test_data_with_one_class_or_too_few_images(tmp_path):
     with pytest.raises(DataError, match="class vascular lesion has 1 independent image"):
         train(_config(thin, tmp_path / "r2"), log=lambda *_: None)
     assert not (tmp_path / "r2").exists()
+
+
+def test_progress_bar_counts_epochs_from_one(tiny, tmp_path, capsys):
+    train(_config(tiny, tmp_path / "run", progress=True), log=lambda *_: None)
+    captured = capsys.readouterr()
+    bar = captured.out + captured.err
+    assert "Epoch 1/2" in bar and "Epoch 2/2" in bar
+    assert "Epoch 0" not in bar

@@ -505,7 +505,29 @@ def _callbacks(config: TrainConfig, run_dir: Path, spec: ModelSpec, classes: lis
         callbacks.append(pl.callbacks.EarlyStopping(monitor="val_loss", patience=config.early_stopping))
     if config.ema_decay:
         callbacks.append(_ema_callback(config, train_batches))
+    if config.progress:
+        callbacks.append(_progress_bar())
     return callbacks
+
+
+def _progress_bar():
+    pl = _lightning()
+    from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
+
+    class CountingFromOne(pl.callbacks.TQDMProgressBar):
+        """Lightning's bar says 'Epoch 0' for the first of 15 epochs; this one says 'Epoch 1/15'."""
+
+        def on_train_epoch_start(self, trainer, *_):
+            # Lightning's own method, with our description: calling it and then renaming would print 'Epoch 0'
+            # into logs first (pinned lightning; tests/test_training.py checks the output)
+            if self._leave:
+                self.train_progress_bar = self.init_train_tqdm()
+            self.train_progress_bar.reset()
+            self.train_progress_bar.total = convert_inf(self.total_train_batches)
+            self.train_progress_bar.initial = 0
+            self.train_progress_bar.set_description(f"Epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
+
+    return CountingFromOne()
 
 
 def _ema_callback(config: TrainConfig, train_batches: Sized):
