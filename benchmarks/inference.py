@@ -1,5 +1,6 @@
 """CPU inference speed: single-image latency (p50/p99, 1 thread) and batch throughput (all threads), PyTorch vs
-onnxruntime, for seed-cnn (180 px) and the default EfficientNet-Lite0 (224 px).
+onnxruntime, for seed-cnn (180 px) and EfficientNet-Lite0 at 224 px (issue #6's setting; the default recipe now
+trains at 180 px, which costs about two thirds as much).
 
     python benchmarks/inference.py [--repeats 200] [--batch 32] [--out FILE]
 

