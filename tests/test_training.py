@@ -132,6 +132,17 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny, tmp_path):
     assert read(killed) == read(reference)
 
 
+def test_resume_needs_neither_data_nor_epochs_and_keeps_the_runs_own(tiny, tmp_path, capsys):
+    run = train(_config(tiny, tmp_path / "run", epochs=1), log=lambda *_: None)  # the seed recipe would say 20
+    code = cli_main(["train", "--out", str(run), "--resume", "--threads", "1", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    assert len(list(csv.DictReader((run / "history.csv").open()))) == 1
+    assert json.loads((run / "config.json").read_text())["config"]["epochs"] == 1
+    fresh = tmp_path / "fresh"
+    assert cli_main(["train", "--out", str(fresh)]) == 2
+    assert "--data is required" in capsys.readouterr().err and not fresh.exists()
+
+
 def test_existing_folder_is_refused_then_overwritten(tiny, tmp_path):
     out = tmp_path / "run"
     out.mkdir()

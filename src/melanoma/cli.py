@@ -92,8 +92,10 @@ def _train_config(args: argparse.Namespace) -> "TrainConfig":
 
 def cmd_train(args: argparse.Namespace) -> int:
     from melanoma.distributed import is_launch_rank_zero
-    from melanoma.training import train
+    from melanoma.training import RunError, train
 
+    if not args.data and not args.resume:
+        raise RunError("--data is required (only `--out RUN --resume` can do without it: the run knows its data)")
     _quiet_lightning()
     run_dir = train(_train_config(args))
     if is_launch_rank_zero():
@@ -238,9 +240,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_training_flags(parser: argparse.ArgumentParser, default_out: str) -> None:
+def _add_training_flags(parser: argparse.ArgumentParser, default_out: str, data_required: bool = True) -> None:
     data = parser.add_argument_group("data")
-    data.add_argument("--data", required=True, help="ROOT/{Train,Test}/<class>/* (or ROOT/<class>/*, or a manifest)")
+    data.add_argument("--data", required=data_required,
+                      help="ROOT/{Train,Test}/<class>/* (or ROOT/<class>/*, or a manifest)"
+                           + ("" if data_required else "; not needed with --resume"))
     data.add_argument("--audit", help="an audit folder (or its clean_manifest.csv); default: audit the data now, "
                                       "into RUN/audit")
     data.add_argument("--truth", nargs="+", metavar="CSV", help="official ISIC truth files for that audit "
@@ -334,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train on the Train split (cleaned by the audit unless --no-clean), validate on a lesion-grouped "
                     "split of it, and score the best checkpoint on the Test split. Writes config, checkpoints, "
                     "history.csv, curves.png and metrics.json to --out.")
-    _add_training_flags(train, "runs/train")
+    _add_training_flags(train, "runs/train", data_required=False)
     train.set_defaults(func=cmd_train)
 
     evaluate = verbs.add_parser(

@@ -132,7 +132,7 @@ RECIPES: dict[str, dict] = {
         # every batch
         balance="sampler:0.5",
         era_balance=False,
-        # 8 epochs at the images' own 180 px: 18 min on a 2-core CPU without bf16 where 15 epochs at 224 px took 39
+        # 8 epochs at the images' own 180 px: 15 min on a 2-core CPU without bf16 where 15 epochs at 224 px took 39
         # (validation loss bottomed out at epoch 8 there); validation scores within seed noise (README "Results")
         epochs=8, batch_size=32,
         lr=1e-3,                  # head LR; the backbone gets backbone_lr_scale of it
@@ -707,7 +707,9 @@ def resumed_config(config: TrainConfig) -> TrainConfig:
     saved = TrainConfig.from_dict(read_json(Path(config.out) / "config.json")["config"])
     if config.model != saved.model and config.model != TrainConfig.model:
         raise RunError(f"{display_name(config.out)} was trained with model '{saved.model}', not '{config.model}'")
-    for name in ("epochs", "num_workers", "threads", "accelerator", "devices", "num_nodes", "strategy", "progress"):
+    if config.epochs is not None:  # not given: finish the epochs the run was started with, not the recipe's
+        saved.epochs = config.epochs
+    for name in ("num_workers", "threads", "accelerator", "devices", "num_nodes", "strategy", "progress"):
         setattr(saved, name, getattr(config, name))
     saved.resume = True
     return saved
