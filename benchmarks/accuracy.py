@@ -50,9 +50,6 @@ def main() -> None:
             rows.append({"test": f"{subset} (n={test['n']})", "metric": name, "value": ci["value"],
                          "ci95_low": ci["low"], "ci95_high": ci["high"]})
     print_table(rows, ["test", "metric", "value", "ci95_low", "ci95_high"])
-    old_era = metrics["validation_by_era"].get("archive 2016-17", {})
-    print(f"validation balanced accuracy {metrics['validation']['balanced_accuracy']:.3f}; old-era validation "
-          f"melanoma AUC {old_era.get('per_class', {}).get('melanoma', {}).get('auc')}")
     print(f"alert threshold {metrics['alert']['threshold']:.3f} (validation sensitivity "
           f"{metrics['alert']['sensitivity']:.2f}); trained in {minutes:.1f} min; run folder {run_dir}")
     config_used = json.loads((Path(run_dir) / "config.json").read_text())["config"]
