@@ -19,7 +19,8 @@ from pathlib import Path
 
 from _common import TRUTH_FILES, print_table, require_shared_data, write_results
 from melanoma.cli import _quiet_lightning, _train_config, build_parser
-from melanoma.training import TrainConfig, train
+from melanoma.config import TrainConfig
+from melanoma.training import train
 
 ROWS = ("balanced_accuracy", "macro_f1", "melanoma_auc", "melanoma_sensitivity", "melanoma_specificity")
 

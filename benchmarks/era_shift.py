@@ -22,9 +22,10 @@ from sklearn.metrics import roc_auc_score
 
 from _common import print_table, write_results
 from melanoma.data import ERAS, MELANOMA, acquisition_era
-from melanoma.inference import Run
+from melanoma.run import Run
 from melanoma.io import read_json
-from melanoma.training import TrainConfig, prepare_data
+from melanoma.config import TrainConfig
+from melanoma.prepare import prepare_data
 
 
 def era_scores(run_dir: Path) -> dict:

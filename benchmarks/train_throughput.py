@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader
 from _common import print_table, require_shared_data, write_results
 from melanoma.data import build_cache, discover_folder
 from melanoma.models import ModelSpec, build_model, default_normalization
-from melanoma.training import ArrayDataset, cpu_has_native_bf16
+from melanoma.hardware import cpu_has_native_bf16
+from melanoma.loop import ArrayDataset
 from melanoma.transforms import to_model_input, train_transform
 
 

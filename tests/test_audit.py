@@ -10,7 +10,9 @@ import pytest
 from PIL import Image, ImageEnhance
 
 from conftest import jpeg_bytes, lesion_image, save_image
-from melanoma.audit import AuditConfig, fingerprint, run_audit, write_audit
+from melanoma.audit import AuditConfig, run_audit
+from melanoma.audit_report import write_audit
+from melanoma.fingerprints import fingerprint
 from melanoma.cli import main as cli_main
 from melanoma.data import ImageRecord, discover_folder
 from melanoma.truth import load_ground_truth
@@ -29,7 +31,7 @@ def _hash_distance(a: np.ndarray, b: np.ndarray, tmp_path) -> int:
     prints = []
     for name, pixels in (("a.png", a), ("b.png", b)):
         path = save_image(tmp_path / name, pixels)
-        prints.append(fingerprint(ImageRecord(path=path, rel_path=name, label="x"), config))
+        prints.append(fingerprint(ImageRecord(path=path, rel_path=name, label="x"), config.hash_size))
     return int(np.bitwise_count(prints[0].phash ^ prints[1].phash).sum())
 
 

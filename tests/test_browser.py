@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CLASSES, lesion_image, save_image, train_tiny_run, uvicorn_server
-from melanoma.inference import Run
+from melanoma.run import Run
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="Debian chromium/chromium-driver absent")

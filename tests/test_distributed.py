@@ -174,8 +174,10 @@ def test_ddp_each_training_sample_is_seen_once_per_epoch(ddp_run):
 
 
 def test_ddp_validation_metrics_equal_a_single_process_evaluation(ddp_run):
-    from melanoma.evaluation import predict_probabilities
-    from melanoma.training import TrainConfig, load_checkpoint, model_from_checkpoint, prepare_data
+    from melanoma.config import TrainConfig
+    from melanoma.prepare import prepare_data
+    from melanoma.probabilities import predict_probabilities
+    from melanoma.run import load_checkpoint, model_from_checkpoint
 
     payload = load_checkpoint(ddp_run["run"] / "checkpoints" / "best.pt")
     model, spec = model_from_checkpoint(payload)
@@ -233,7 +235,7 @@ def test_predict_on_two_processes_merges_shards_in_input_order(tmp_path):
 
 def test_predict_on_more_gpus_than_the_machine_has_is_a_clear_error(tmp_path):
     from melanoma.inference import predict_sharded
-    from melanoma.training import RunError
+    from melanoma.run import RunError
 
     with pytest.raises(RunError, match=f"asked for 64 GPUs, this machine has {torch.cuda.device_count()}"):
         predict_sharded(tmp_path, [("a", b"")] * 64, devices=64, accelerator="gpu")

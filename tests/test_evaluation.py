@@ -14,7 +14,7 @@ from conftest import CLASSES, lesion_image, save_image, train_tiny_run
 from melanoma.cli import main as cli_main
 from melanoma.data import DataError
 from melanoma.evaluation import (bootstrap_ci, compute_metrics, evaluate_run, headline, threshold_for_sensitivity)
-from melanoma.training import RunError
+from melanoma.run import RunError
 
 THREE = ["melanoma", "nevus", "vascular lesion"]
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from melanoma.cli import main as cli_main
-from melanoma.inference import Run
+from melanoma.inference import predict_files
 from conftest import CLASSES, train_tiny_run
-from melanoma.training import RunError
+from melanoma.run import Run, RunError
 
 onnx = pytest.importorskip("onnx")
 
@@ -37,7 +37,7 @@ def test_onnx_and_pytorch_predict_the_same(exported):
     assert onnx_run.backend == "onnx" and torch_run.backend == "torch"
     assert np.abs(torch_run.probabilities(images) - onnx_run.probabilities(images)).max() < 1e-4
     files = [(p.name, p) for p in sorted((data / "Test" / "melanoma").iterdir())]
-    a, b = torch_run.predict_files(files), onnx_run.predict_files(files)
+    a, b = predict_files(torch_run, files), predict_files(onnx_run, files)
     assert [x.top_class for x in a] == [x.top_class for x in b]
 
 

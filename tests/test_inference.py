@@ -7,7 +7,8 @@ from PIL import Image
 
 from conftest import jpeg_bytes, lesion_image, save_image, train_tiny_run
 from melanoma.explain import explain_files
-from melanoma.inference import Run, collect_inputs
+from melanoma.inference import collect_inputs, predict_files
+from melanoma.run import Run
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def _bad_and_odd_images(folder):
 
 def test_predict_reports_each_bad_image_and_predicts_the_rest(run, tmp_path):
     expected = _bad_and_odd_images(tmp_path)
-    predictions = {p.image: p for p in run.predict_files(collect_inputs([tmp_path]), batch_size=4)}
+    predictions = {p.image: p for p in predict_files(run, collect_inputs([tmp_path]), batch_size=4)}
     assert set(predictions) == set(expected)
     for name, error in expected.items():
         if error is None:

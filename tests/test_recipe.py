@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from melanoma.evaluation import predict_probabilities
+from melanoma.probabilities import predict_probabilities
 from melanoma.models import TF_INPUT, ModelSpec, build_model
-from melanoma.training import RECIPES, TrainConfig, train
+from melanoma.config import RECIPES, TrainConfig
+from melanoma.training import train
 from melanoma.weights import imagenet_state_dict
 from conftest import tiny_dataset
 

@@ -17,8 +17,10 @@ import torch
 from conftest import CLASSES, REPO, lesion_image, save_image, tiny_dataset
 from melanoma.cli import main as cli_main
 from melanoma.data import DataError
-from melanoma.training import (RunError, TrainConfig, load_checkpoint, model_from_checkpoint, prepare_data, train,
-                               train_image_names)
+from melanoma.config import TrainConfig
+from melanoma.prepare import prepare_data, train_image_names
+from melanoma.run import RunError, load_checkpoint, model_from_checkpoint
+from melanoma.training import train
 
 
 
@@ -100,17 +102,18 @@ def test_balancing_modes_train(tiny, tmp_path):
 _KILLER = """
 import os, signal, sys
 from dataclasses import replace
+import melanoma.loop as loop
 import melanoma.training as training
 calls = {"n": 0}
-original = training.ArrayDataset.__getitem__
+original = loop.ArrayDataset.__getitem__
 def getitem(self, index):
     if self.transform is not None:
         calls["n"] += 1
         if calls["n"] > %(limit)d:
             os.kill(os.getpid(), signal.SIGKILL)
     return original(self, index)
-training.ArrayDataset.__getitem__ = getitem
-training.train(training.TrainConfig(data=%(data)r, out=%(out)r, model="seed-cnn", epochs=3, batch_size=8, image_size=32,
+loop.ArrayDataset.__getitem__ = getitem
+training.train(loop.TrainConfig(data=%(data)r, out=%(out)r, model="seed-cnn", epochs=3, batch_size=8, image_size=32,
                                     progress=False, preset="seed", threads=1), log=lambda *_: None)
 """
 
@@ -205,7 +208,7 @@ def test_validation_is_also_scored_within_each_acquisition_era():
 
     from sklearn.metrics import roc_auc_score
 
-    from melanoma.training import validation_by_era
+    from melanoma.scoring import validation_by_era
 
     names = [f"melanoma/ISIC_{i:07d}.jpg" for i in (1, 2, 3, 4, 24001, 24002, 24003, 24004)]
     labels = np.array([0, 0, 1, 1, 0, 1, 1, 2])

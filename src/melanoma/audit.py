@@ -1,29 +1,19 @@
 """Dataset audit: counts, exact and near duplicates, label conflicts, Train/Test leakage, official-truth disagreements
-and unreadable images, written as ``audit.json`` (the machine-readable contract), ``audit.md``, plots and
-``clean_manifest.csv`` (one recommended action per image, used by training).
+and unreadable images, with one recommended action per image (the clean manifest that training applies).
 
-Near-duplicates use a 256-bit perceptual hash (pHash, ``hash_size=16``). On the shared ISIC 9-class data the
-Hamming distances between different files fall into two clean groups: re-encoded copies of one photo at 0-4 bits,
-and every other pair at 26 bits or more (the closest are other photos of the *same* lesion). JPEG quality 50 moves a
-hash by at most 14 bits, a resize by 6, a colour or tint change by 10, so the default threshold of 20 bits catches
-copies without flagging distinct photos (``tests/test_audit_realdata.py`` checks this on the real data).
+How copies are recognised lives in :mod:`melanoma.fingerprints`; writing the audit folder (``audit.json``,
+``audit.md``, ``clean_manifest.csv``, plots) in :mod:`melanoma.audit_report`.
 """
 from __future__ import annotations
 
-import hashlib
-import os
 from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable
 
-import imagehash
 import numpy as np
-from PIL import Image
 
-from melanoma.data import (DEFAULT_MAX_PIXELS, DatasetIndex, ImageDecodeError, ImageRecord, decode_image,
-                           display_name)
+from melanoma.data import DEFAULT_MAX_PIXELS, DatasetIndex, ImageRecord, display_name
+from melanoma.fingerprints import Fingerprint, UnionFind, fingerprint_all, near_pairs
 from melanoma.truth import GroundTruth
 
 ACTION_KEEP = "keep"
@@ -37,21 +27,11 @@ MANIFEST_COLUMNS = ("path", "split", "image_id", "folder_label", "official_label
 
 @dataclass
 class AuditConfig:
-    near_threshold: int = 20      # Hamming bits of 256; see the module docstring for how it was chosen
+    near_threshold: int = 20      # Hamming bits of 256; see melanoma.fingerprints for how it was chosen
     hash_size: int = 16           # pHash side: 16 -> 256-bit hashes
     max_pixels: int = DEFAULT_MAX_PIXELS
     workers: int = 4
     seed: int = 0                 # which image per class the sample grid shows
-
-
-@dataclass
-class Fingerprint:
-    file_sha256: str
-    pixel_sha256: str
-    phash: np.ndarray             # packed 256-bit hash as 4 x uint64
-    size: tuple[int, int]
-    mode: str
-    notes: list[str]
 
 
 @dataclass
@@ -76,82 +56,12 @@ class AuditResult:
         return payload
 
 
-def fingerprint(record: ImageRecord, config: AuditConfig) -> Fingerprint:
-    data = record.path.read_bytes()
-    decoded = decode_image(data if data else record.path, max_pixels=config.max_pixels, name=record.rel_path)
-    pixels = decoded.pixels
-    pixel_digest = hashlib.sha256(str(pixels.shape).encode() + pixels.tobytes()).hexdigest()
-    bits = imagehash.phash(Image.fromarray(pixels), hash_size=config.hash_size).hash.flatten()
-    return Fingerprint(file_sha256=hashlib.sha256(data).hexdigest(), pixel_sha256=pixel_digest,
-                       phash=np.packbits(bits).view(np.uint64), size=decoded.original_size,
-                       mode=decoded.original_mode, notes=decoded.notes)
-
-
-def fingerprint_all(records: Sequence[ImageRecord], config: AuditConfig,
-                    progress: Callable[[Iterable, int], Iterable] | None = None):
-    """Fingerprint every record in a thread pool; returns ({index: Fingerprint}, {index: error message})."""
-    def one(index: int):
-        try:
-            return index, fingerprint(records[index], config), None
-        except ImageDecodeError as exc:
-            return index, None, str(exc)
-        except OSError as exc:
-            return index, None, f"{records[index].rel_path}: cannot read file ({exc.strerror or exc})"
-
-    prints: dict[int, Fingerprint] = {}
-    errors: dict[int, str] = {}
-    with ThreadPoolExecutor(max_workers=config.workers) as pool:
-        results = pool.map(one, range(len(records)))
-        for index, print_, error in (progress(results, len(records)) if progress else results):
-            if error is None:
-                prints[index] = print_
-            else:
-                errors[index] = error
-    return prints, errors
-
-
-def near_pairs(hashes: np.ndarray, threshold: int, chunk: int = 512) -> list[tuple[int, int, int]]:
-    """All (i, j, distance) with i < j and Hamming distance <= threshold, in chunks to bound memory."""
-    pairs = []
-    for start in range(0, len(hashes), chunk):
-        block = hashes[start:start + chunk]
-        distances = np.bitwise_count(block[:, None, :] ^ hashes[None, :, :]).sum(axis=2)
-        rows, cols = np.nonzero(distances <= threshold)
-        for row, col in zip(rows.tolist(), cols.tolist()):
-            i = start + row
-            if i < col:
-                pairs.append((i, col, int(distances[row, col])))
-    return pairs
-
-
-class _UnionFind:
-    def __init__(self, size: int):
-        self.parent = list(range(size))
-
-    def find(self, item: int) -> int:
-        while self.parent[item] != item:
-            self.parent[item] = self.parent[self.parent[item]]
-            item = self.parent[item]
-        return item
-
-    def union(self, a: int, b: int) -> None:
-        root_a, root_b = self.find(a), self.find(b)
-        if root_a != root_b:
-            self.parent[max(root_a, root_b)] = min(root_a, root_b)
-
-    def components(self, members: Iterable[int]) -> list[list[int]]:
-        groups: dict[int, list[int]] = defaultdict(list)
-        for item in members:
-            groups[self.find(item)].append(item)
-        return [sorted(group) for group in groups.values()]
-
-
 def run_audit(index: DatasetIndex, truth: GroundTruth | None = None, config: AuditConfig | None = None,
               progress: Callable[[Iterable, int], Iterable] | None = None) -> AuditResult:
     """Run every check on a discovered dataset; no files are written here."""
     config = config or AuditConfig()
     records = index.records
-    prints, errors = fingerprint_all(records, config, progress)
+    prints, errors = fingerprint_all(records, config.hash_size, config.max_pixels, config.workers, progress)
     good = sorted(prints)
     relations = _copy_relations(prints, good, config)
     lesions = {i: _lesion_of(records[i], truth) for i in range(len(records))}
@@ -180,7 +90,7 @@ class _Relations:
 
     kind: dict[tuple[int, int], str]
     distance: dict[tuple[int, int], int]
-    union: _UnionFind
+    union: UnionFind
     adjacent: dict[int, list[tuple[int, str]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -210,7 +120,7 @@ def _copy_relations(prints: dict[int, Fingerprint], good: list[int], config: Aud
             pair = (good[a_pos], good[b_pos])
             kind.setdefault(pair, "near-identical")
             distance.setdefault(pair, bits)
-    union = _UnionFind(max(good, default=-1) + 1)
+    union = UnionFind(max(good, default=-1) + 1)
     for a, b in kind:
         union.union(a, b)
     return _Relations(kind=kind, distance=distance, union=union)
@@ -239,7 +149,7 @@ def _duplicate_groups(records, prints, relations: _Relations) -> list[dict]:
 
 def _label_conflicts(records, relations: _Relations, good: list[int]) -> list[dict]:
     """Groups of one picture (same content, or same ISIC id) filed under two or more classes."""
-    union = _UnionFind(len(records))
+    union = UnionFind(len(records))
     for a, b in relations.kind:
         union.union(a, b)
     by_id: dict[str, list[int]] = defaultdict(list)
@@ -329,7 +239,7 @@ def _odd_images(records, prints: dict[int, Fingerprint]) -> list[dict]:
 
 def _split_groups(records, relations: _Relations, lesions: dict[int, str | None]) -> list[str]:
     """Group ids that keep copies, photos of one lesion and one ISIC id on the same side of any split."""
-    union = _UnionFind(len(records))
+    union = UnionFind(len(records))
     for a, b in relations.kind:
         union.union(a, b)
     first_of: dict[str, int] = {}
@@ -405,136 +315,3 @@ def _summary(records, index, duplicate_groups, label_conflicts, leaks, disagreem
         "unreadable": len(unreadable),
         "actions": dict(Counter(row["action"] for row in manifest)),
     }
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Writing the audit folder
-
-
-def write_audit(result: AuditResult, index: DatasetIndex, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write audit.json, audit.md, clean_manifest.csv and the plots; each file atomically."""
-    from melanoma.io import save_figure, write_csv, write_json, atomic_write_text
-    from melanoma.plots import class_counts_figure
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written = {
-        "json": write_json(out / "audit.json", result.to_json()),
-        "manifest": write_csv(out / "clean_manifest.csv", result.manifest, MANIFEST_COLUMNS),
-        "counts_png": save_figure(class_counts_figure(result.counts, result.classes), out / "class_counts.png"),
-    }
-    grid = _sample_grid(index, result)
-    if grid is not None:
-        written["samples_png"] = save_figure(grid, out / "samples.png")
-    leak_figure = _leak_pairs_figure(index, result)
-    if leak_figure is not None:
-        written["leaks_png"] = save_figure(leak_figure, out / "leaks.png")
-    written["markdown"] = atomic_write_text(out / "audit.md",
-                                            audit_markdown(result, [str(p) for p in written.values()]))
-    return written
-
-
-def _pixels_or_none(record: ImageRecord):
-    try:
-        return decode_image(record.path).pixels
-    except (ImageDecodeError, OSError):
-        return None
-
-
-def _sample_grid(index: DatasetIndex, result: AuditResult):
-    """One image per class (the seed notebooks' first look at the data), drawn with the audit's seed."""
-    from melanoma.plots import image_grid_figure
-
-    unreadable = {row["file"] for row in result.unreadable}
-    rng = np.random.default_rng(result.config["seed"])
-    images, titles = [], []
-    for label in index.classes:
-        candidates = [r for r in index.records if r.label == label and display_name(r.rel_path) not in unreadable]
-        candidates.sort(key=lambda r: (not r.is_train, r.rel_path))
-        train_first = [r for r in candidates if r.is_train] or candidates
-        for record in rng.permutation(len(train_first)).tolist():
-            pixels = _pixels_or_none(train_first[record])
-            if pixels is not None:
-                images.append(pixels)
-                titles.append(f"{label}\n{train_first[record].image_id}")
-                break
-    if not images:
-        return None
-    return image_grid_figure(images, titles, columns=min(3, len(images)), title="One image per class")
-
-
-def _leak_pairs_figure(index: DatasetIndex, result: AuditResult, limit: int = 6):
-    from melanoma.plots import pairs_figure
-
-    by_path = {display_name(r.rel_path): r for r in index.records}
-    ordered = sorted(result.cross_split_leaks, key=lambda leak: (leak["reason"] != "near-identical", leak["file"]))
-    pairs = []
-    for leak in ordered[:limit]:
-        held_out, train = by_path.get(leak["file"]), by_path.get(leak["train_files"][0])
-        left = _pixels_or_none(held_out) if held_out else None
-        right = _pixels_or_none(train) if train else None
-        if left is not None and right is not None:
-            pairs.append((left, f"{leak['split']}: {leak['file']}", right,
-                          f"{leak['train_reasons'][0]}: {leak['train_files'][0]}"))
-    return pairs_figure(pairs, "Held-out images with a copy in Train") if pairs else None
-
-
-def audit_markdown(result: AuditResult, files: Sequence[str], limit: int = 40) -> str:
-    s = result.summary
-    lines = [f"# Dataset audit: `{result.root}`", "",
-             f"{s['images']} images, {s['classes']} classes, splits: "
-             + ", ".join(f"{k} {v}" for k, v in s["splits"].items()) + ".", ""]
-    lines += ["## Findings", "", "| check | found |", "|---|---|",
-              f"| duplicate groups (identical / pixel-identical / near-identical) | {s['duplicate_groups']} "
-              f"{s['duplicate_groups_by_kind']} |",
-              f"| ISIC ids filed under two or more classes | {s['image_ids_in_several_classes']} |",
-              f"| label-conflict groups | {s['label_conflict_groups']} |",
-              f"| held-out images leaked into Train | {s['leaked_heldout_images']} {s['leaks_by_reason']} |",
-              f"| folder labels contradicted by official truth | {_or_na(s['truth_disagreements'])} |",
-              f"| images without an official label | {_or_na(s['images_without_official_label'])} |",
-              f"| unreadable or skipped files | {s['unreadable']} |",
-              f"| recommended actions | {s['actions']} |", ""]
-    if result.warnings:
-        lines += ["## Warnings", ""] + [f"- {w}" for w in result.warnings] + [""]
-    lines += _counts_table(result)
-    lines += [f"![{name}]({name})" for name in ("class_counts.png", "samples.png", "leaks.png")
-              if any(str(f).endswith(name) for f in files)] + [""]
-    lines += _section("Cross-split leaks", ["file", "reason", "lesion_id", "train_files"], result.cross_split_leaks,
-                      limit)
-    lines += _section("Label conflicts", ["files", "labels", "kind"], result.label_conflicts, limit)
-    lines += _section("Official-truth disagreements", ["file", "folder_label", "official_label", "source"],
-                      result.truth_disagreements, limit)
-    lines += _section("Unreadable or skipped files", ["file", "error"], result.unreadable, limit)
-    lines += _section("Odd sizes or modes", ["file", "problems"], result.odd_images, limit)
-    lines += ["## Settings", "", f"Near-duplicate threshold: {result.config['near_threshold']} of "
-              f"{result.config['hash_size'] ** 2} pHash bits. "
-              f"Truth files: {', '.join(result.config['truth_files']) or 'none'}.",
-              "", "`clean_manifest.csv` lists every image with its recommended action.", ""]
-    return "\n".join(lines)
-
-
-def _or_na(value) -> str:
-    return "n/a (no --truth given)" if value is None else str(value)
-
-
-def _counts_table(result: AuditResult) -> list[str]:
-    splits = sorted({row["split"] for row in result.counts})
-    lookup = {(row["split"], row["class"]): row["count"] for row in result.counts}
-    lines = ["## Images per class", "", "| class | " + " | ".join(s or "all" for s in splits) + " |",
-             "|---|" + "---:|" * len(splits)]
-    for label in result.classes:
-        lines.append(f"| {label} | " + " | ".join(str(lookup.get((s, label), 0)) for s in splits) + " |")
-    return lines + [""]
-
-
-def _section(title: str, columns: Sequence[str], rows: Sequence[dict], limit: int) -> list[str]:
-    lines = [f"## {title} ({len(rows)})", ""]
-    if not rows:
-        return lines + ["None found.", ""]
-    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows[:limit]:
-        cells = [", ".join(map(str, row[c])) if isinstance(row.get(c), list) else str(row.get(c, "")) for c in columns]
-        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
-    if len(rows) > limit:
-        lines.append(f"\n... {len(rows) - limit} more in `audit.json`.")
-    return lines + [""]

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Sequence
 from melanoma.data import DataError
 
 if TYPE_CHECKING:
-    from melanoma.training import TrainConfig
+    from melanoma.config import TrainConfig
 
 DESCRIPTION = """\
 Train, check and serve CNN classifiers for dermoscopic skin-lesion images, with a melanoma alert.
@@ -30,7 +30,8 @@ def _progress(description: str):
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from melanoma.audit import AuditConfig, run_audit, write_audit
+    from melanoma.audit import AuditConfig, run_audit
+    from melanoma.audit_report import write_audit
     from melanoma.data import load_dataset
     from melanoma.truth import load_ground_truth
 
@@ -71,7 +72,7 @@ def _quiet_lightning() -> None:
 
 
 def _train_config(args: argparse.Namespace) -> "TrainConfig":
-    from melanoma.training import TrainConfig
+    from melanoma.config import TrainConfig
 
     return TrainConfig(
         data=args.data, out=args.out, model=args.model, recipe=args.recipe, freeze_stages=args.freeze_stages,
@@ -92,7 +93,8 @@ def _train_config(args: argparse.Namespace) -> "TrainConfig":
 
 def cmd_train(args: argparse.Namespace) -> int:
     from melanoma.distributed import is_launch_rank_zero
-    from melanoma.training import RunError, train
+    from melanoma.run import RunError
+    from melanoma.training import train
 
     if not args.data and not args.resume:
         raise RunError("--data is required (only `--out RUN --resume` can do without it: the run knows its data)")
@@ -148,7 +150,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     import json
 
-    from melanoma.inference import Run, collect_inputs, prediction_columns, prediction_rows, predict_sharded
+    from melanoma.inference import collect_inputs, prediction_columns, prediction_rows, predict_files, predict_sharded
+    from melanoma.run import Run
     from melanoma.io import atomic_write_text, write_csv
 
     run = Run.load(args.run, threshold=args.threshold)  # a bad run folder fails here, before any process starts
@@ -157,8 +160,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         predictions = predict_sharded(args.run, inputs, args.devices, args.accelerator, threshold=args.threshold,
                                       batch_size=args.batch_size, progress=_progress("shards"))
     else:
-        predictions = run.predict_files(inputs, batch_size=args.batch_size,
-                                        progress=_progress("predicting") if len(inputs) > args.batch_size else None)
+        predictions = predict_files(run, inputs, batch_size=args.batch_size,
+                                    progress=_progress("predicting") if len(inputs) > args.batch_size else None)
     rows = prediction_rows(predictions, run.classes)
     if args.out.endswith(".json"):
         atomic_write_text(args.out, json.dumps(rows, indent=2) + "\n")
@@ -217,7 +220,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from melanoma.explain import explain_files, write_explanations
-    from melanoma.inference import Run, collect_inputs
+    from melanoma.inference import collect_inputs
+    from melanoma.run import Run
 
     run = Run.load(args.run, backend="torch")  # Grad-CAM needs gradients: always the PyTorch model
     explanations = explain_files(run, collect_inputs(args.images))
@@ -439,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[Exception], ...]:
     """Exceptions whose message is meant for the user: printed as one line, exit code 2."""
     from melanoma.models import ModelError
-    from melanoma.training import RunError
+    from melanoma.run import RunError
     from melanoma.transforms import PresetError
     from melanoma.weights import WeightsError
 

@@ -1,43 +1,16 @@
-"""One evaluation path for validation, test, prediction and serving: probabilities from a model, and metrics.
+"""Metrics, and ``melanoma evaluate RUN``.
 
-``predict_probabilities`` is the only place a model meets evaluation images; ``compute_metrics`` the only place
-metrics are computed from labels and probabilities.
+``compute_metrics`` is the only place metrics are computed from labels and probabilities (the probabilities come
+from :mod:`melanoma.probabilities`, the only place a model meets evaluation images); ``bootstrap_ci`` puts
+confidence intervals on the headline numbers; ``threshold_for_sensitivity`` chooses the melanoma alert threshold.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
-import torch
 
 from melanoma.data import MELANOMA
-from melanoma.transforms import dihedral_views, eval_pixels, to_model_input
-
-
-def predict_probabilities(model: torch.nn.Module, images: np.ndarray, image_size: int, batch_size: int = 64,
-                          tta: bool = False, device: str | torch.device = "cpu") -> np.ndarray:
-    """Softmax probabilities of a PyTorch model for N x H x W x 3 uint8 images (optionally TTA-averaged)."""
-    model.eval()
-
-    @torch.no_grad()
-    def forward(pixels: torch.Tensor) -> np.ndarray:
-        return torch.softmax(model(pixels.to(device)).float(), dim=1).cpu().numpy()
-
-    return probabilities_with(forward, images, image_size, batch_size, tta)
-
-
-def probabilities_with(forward: Callable[[torch.Tensor], np.ndarray], images: np.ndarray, image_size: int,
-                       batch_size: int = 64, tta: bool = False) -> np.ndarray:
-    """The evaluation loop shared by every backend: eval transform, optional 8-view TTA, batched ``forward``
-    (float pixels N x 3 x H x W -> probabilities)."""
-    outputs = []
-    for start in range(0, len(images), batch_size):
-        batch = torch.stack([eval_pixels(image, image_size) for image in images[start:start + batch_size]])
-        views = dihedral_views(batch) if tta else [batch]
-        outputs.append(sum(forward(to_model_input(v, channels_last=False)) for v in views) / len(views))
-    if not outputs:
-        return np.zeros((0, 0), dtype=np.float32)
-    return np.concatenate(outputs)
 
 
 def compute_metrics(labels: Sequence[int], probabilities: np.ndarray, classes: Sequence[str],
@@ -184,7 +157,7 @@ def evaluate_run(run_dir: str, data: str | None = None, split: str = "Test", out
     from pathlib import Path
 
     from melanoma.data import build_cache, display_name, load_dataset
-    from melanoma.inference import Run
+    from melanoma.run import Run
     from melanoma.io import save_figure, write_csv, write_json
     from melanoma.plots import confusion_figure, roc_pr_figures
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from melanoma.io import read_json, save_figure, write_json, atomic_write_text
-from melanoma.training import TrainConfig, train
+from melanoma.config import TrainConfig
+from melanoma.training import train
 
 
 @dataclass(frozen=True)

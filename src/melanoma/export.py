@@ -17,9 +17,8 @@ import torch
 
 from melanoma.data import display_name
 from melanoma.io import atomic_write_bytes
-from melanoma.training import RunError
+from melanoma.run import ONNX_FILE, Run
 
-ONNX_FILE = "model.onnx"
 OPSET = 17          # widely supported by onnxruntime releases; all ops used here exist in it
 TOLERANCE = 1e-4
 
@@ -38,8 +37,6 @@ class _WithSoftmax(torch.nn.Module):
 
 
 def export_onnx(run_dir: str | os.PathLike, opset: int = OPSET, log=print) -> Path:
-    from melanoma.inference import Run
-
     run = Run.load(run_dir, backend="torch")
     model = _WithSoftmax(run.model).eval()
     example = torch.rand(2, 3, run.image_size, run.image_size) * 255
@@ -87,27 +84,3 @@ def verify_parity(model: torch.nn.Module, onnx_bytes: bytes, image_size: int) ->
             raise ExportError(f"ONNX export disagrees with PyTorch by {worst[batch]:.2e} at batch {batch} "
                               f"(tolerance {TOLERANCE}); nothing written")
     return worst
-
-
-def load_onnx_session(path: Path, classes: list[str], image_size: int, threads: int | None = None):
-    """An onnxruntime session for a run's model.onnx, refused if its metadata does not match the run.
-
-    ``threads``: intra-op threads per inference (serving runs one inference per core, each on one thread, instead of
-    letting concurrent inferences fight over every core)."""
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    try:
-        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise RunError(f"{display_name(path)}: not a loadable ONNX model ({exc})") from exc
-    metadata = session.get_modelmeta().custom_metadata_map
-    onnx_classes = json.loads(metadata.get("classes", "null") or "null")
-    if onnx_classes != classes or metadata.get("image_size") != str(image_size):
-        raise RunError(f"{display_name(path)} does not match its run (ONNX: classes {onnx_classes}, size "
-                       f"{metadata.get('image_size')}; run: classes {classes}, size {image_size}). "
-                       "Re-export with `melanoma export RUN`")
-    return session

@@ -1,14 +1,13 @@
-"""Loading a trained run and predicting: the one path used by ``melanoma predict``, ``evaluate`` and serving.
+"""``melanoma predict``: images, folders and manifests in; one row per image out (the ISIC submission layout plus
+the melanoma alert), on one process or sharded over several. Unreadable images get an error row; the rest go on.
 
-A run folder carries everything a prediction needs: the model spec (architecture, input size, normalisation), the
-class names, the weights, whether to use test-time augmentation, and the melanoma alert threshold chosen on
-validation. The threshold is applied here, outside the model, so it can be changed without retraining.
+The run itself (model, classes, calibration, alert threshold) is loaded by :class:`melanoma.run.Run`; the alert
+threshold is applied here, outside the model, so it can be changed without retraining.
 """
 from __future__ import annotations
 
 import csv
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -16,9 +15,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from melanoma.data import (DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, MELANOMA, DataError, ImageDecodeError,
-                           decode_image, display_name, image_id_from_name)
-from melanoma.io import read_json
-from melanoma.training import BEST, CHECKPOINT_DIR, RunError, load_checkpoint, model_from_checkpoint
+                           decode_image, display_name, image_id_from_name, resize_pixels)
+from melanoma.run import Run, RunError
 
 
 @dataclass
@@ -43,98 +41,30 @@ class Prediction:
         return self.melanoma_probability >= self.melanoma_threshold
 
 
-@dataclass
-class Run:
-    """A trained run folder, loaded for prediction."""
-
-    path: Path
-    model: object
-    image_size: int
-    classes: list[str]
-    tta: bool
-    threshold: float | None
-    config: dict
-    backend: str = "torch"          # torch | onnx
-    session: object = None          # the onnxruntime session when backend == "onnx"
-    calibration: dict | None = None
-    device: str = "cpu"             # where the PyTorch backend runs ("cuda:1", ...)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, threshold: float | None = None, backend: str = "auto",
-             threads: int | None = None, device: str = "cpu") -> "Run":
-        """Load a run; ``backend`` auto uses onnxruntime when the run has model.onnx (and ``device`` is the CPU),
-        PyTorch otherwise."""
-        path = Path(path)
-        if not (path / "config.json").is_file():
-            raise RunError(f"{display_name(path)}: not a run folder (no config.json)")
-        checkpoint = path / CHECKPOINT_DIR / BEST
-        if not checkpoint.is_file():
-            raise RunError(f"{display_name(path)}: the run has no checkpoint ({CHECKPOINT_DIR}/{BEST}); "
-                           "did training finish an epoch?")
-        payload = load_checkpoint(checkpoint)
-        model, spec = model_from_checkpoint(payload)
-        config = read_json(path / "config.json")
-        metrics = read_json(path / "metrics.json") if (path / "metrics.json").is_file() else {}
-        alert = metrics.get("alert") or {}
-        run = cls(path=path, model=model.to(device), image_size=spec.image_size, classes=list(payload["classes"]),
-                  tta=bool(config["config"].get("tta")), config=config, calibration=metrics.get("calibration"),
-                  threshold=threshold if threshold is not None else alert.get("threshold"), device=device)
-        if run.calibration is None:
-            warnings.warn(f"{display_name(path)} has no calibration (metrics.json without a temperature); "
-                          "predicting with uncalibrated probabilities", stacklevel=2)
-        onnx_path = path / "model.onnx"
-        if backend == "onnx" or (backend == "auto" and onnx_path.is_file() and device == "cpu"):
-            from melanoma.export import load_onnx_session
-
-            if not onnx_path.is_file():
-                raise RunError(f"{display_name(path)}: no model.onnx; run `melanoma export {display_name(path)}`")
-            run.session = load_onnx_session(onnx_path, run.classes, run.image_size, threads)
-            run.backend = "onnx"
-        return run
-
-    @property
-    def temperature(self) -> float:
-        return float(self.calibration["temperature"]) if self.calibration else 1.0
-
-    def probabilities(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-        """Calibrated class probabilities (the run's temperature applied) from either backend."""
-        from melanoma.calibration import apply_temperature
-        from melanoma.evaluation import predict_probabilities, probabilities_with
-
-        if self.backend == "onnx":
-            forward = lambda pixels: self.session.run(None, {"pixels": pixels.numpy()})[0]  # noqa: E731
-            raw = probabilities_with(forward, images, self.image_size, batch_size=batch_size, tta=self.tta)
-        else:
-            raw = predict_probabilities(self.model, images, self.image_size, batch_size=batch_size, tta=self.tta,
-                                        device=self.device)
-        return apply_temperature(raw, self.temperature) if self.temperature != 1.0 else raw
-
-    def predict_files(self, sources: Sequence[tuple[str, str | os.PathLike | bytes]], batch_size: int = 32,
-                      progress: Callable[[Iterable, int], Iterable] | None = None,
-                      max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Prediction]:
-        """Predict (name, path-or-bytes) pairs; an unreadable image gives a row with its error, the rest go on."""
-        from melanoma.data import resize_pixels
-
-        results: list[Prediction] = []
-        chunks = range(0, len(sources), batch_size)
-        for start in (progress(chunks, len(chunks)) if progress else chunks):
-            names, pixels, rows = [], [], []
-            for name, source in sources[start:start + batch_size]:
-                row = Prediction(image=name, melanoma_threshold=self.threshold)
-                rows.append(row)
-                try:
-                    decoded = decode_image(source, max_pixels=max_pixels, name=name)
-                except (ImageDecodeError, OSError) as exc:
-                    row.error = str(exc) if isinstance(exc, ImageDecodeError) else f"{name}: {exc}"
-                    continue
-                names.append(row)
-                pixels.append(resize_pixels(decoded.pixels, self.image_size))
-            if pixels:
-                probs = self.probabilities(np.stack(pixels), batch_size=batch_size)
-                for row, values in zip(names, probs):
-                    row.probabilities = {c: float(p) for c, p in zip(self.classes, values)}
-            results.extend(rows)
-        return results
+def predict_files(run: Run, sources: Sequence[tuple[str, str | os.PathLike | bytes]], batch_size: int = 32,
+                  progress: Callable[[Iterable, int], Iterable] | None = None,
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Prediction]:
+    """Predict (name, path-or-bytes) pairs; an unreadable image gives a row with its error, the rest go on."""
+    results: list[Prediction] = []
+    chunks = range(0, len(sources), batch_size)
+    for start in (progress(chunks, len(chunks)) if progress else chunks):
+        names, pixels, rows = [], [], []
+        for name, source in sources[start:start + batch_size]:
+            row = Prediction(image=name, melanoma_threshold=run.threshold)
+            rows.append(row)
+            try:
+                decoded = decode_image(source, max_pixels=max_pixels, name=name)
+            except (ImageDecodeError, OSError) as exc:
+                row.error = str(exc) if isinstance(exc, ImageDecodeError) else f"{name}: {exc}"
+                continue
+            names.append(row)
+            pixels.append(resize_pixels(decoded.pixels, run.image_size))
+        if pixels:
+            probs = run.probabilities(np.stack(pixels), batch_size=batch_size)
+            for row, values in zip(names, probs):
+                row.probabilities = {c: float(p) for c, p in zip(run.classes, values)}
+        results.extend(rows)
+    return results
 
 
 def predict_sharded(run_path: str | os.PathLike, sources: Sequence[tuple[str, str | os.PathLike | bytes]],
@@ -151,7 +81,7 @@ def predict_sharded(run_path: str | os.PathLike, sources: Sequence[tuple[str, st
     targets = _prediction_devices(accelerator, min(devices, len(sources)))
     if len(targets) <= 1:
         run = Run.load(run_path, threshold=threshold, device=targets[0] if targets else "cpu")
-        return run.predict_files(sources, batch_size=batch_size, progress=progress)
+        return predict_files(run, sources, batch_size=batch_size, progress=progress)
     shards = [list(part) for part in np.array_split(np.arange(len(sources)), len(targets))]
     threads = max(1, (os.cpu_count() or 1) // len(targets))
     # spawn, not fork: the parent may already run torch threads, which do not survive a fork
@@ -185,7 +115,7 @@ def _predict_shard(run_path: str, sources, device: str, threads: int, threshold:
 
     torch.set_num_threads(threads)
     run = Run.load(run_path, threshold=threshold, device=device, threads=threads)
-    return run.predict_files(sources, batch_size=batch_size)
+    return predict_files(run, sources, batch_size=batch_size)
 
 
 def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[tuple[str, Path]]:

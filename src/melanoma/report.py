@@ -248,7 +248,7 @@ def _gradcam_section(run_dir: Path, config: dict, count: int = 9) -> str:
     import warnings
 
     from melanoma.explain import explain_files, overlay
-    from melanoma.inference import Run
+    from melanoma.run import Run
 
     classes = config["classes"]
     labels, _, images, _ = _test_predictions(run_dir, classes)

@@ -11,7 +11,7 @@ from pathlib import Path
 from torch.utils.data import RandomSampler
 
 import melanoma.distributed as distributed
-import melanoma.training as training
+import melanoma.loop as loop
 from melanoma.cli import main
 
 SEEN = Path(os.environ["SEEN_DIR"]) / f"rank-{os.environ.get('LOCAL_RANK', '0')}.txt"
@@ -22,7 +22,7 @@ def _record(line: str) -> None:
         handle.write(line + "\n")
 
 
-_getitem = training.ArrayDataset.__getitem__
+_getitem = loop.ArrayDataset.__getitem__
 _iterate = distributed.ShardedBatchSampler.__iter__
 
 
@@ -38,7 +38,7 @@ def iterate(self):
     return _iterate(self)
 
 
-training.ArrayDataset.__getitem__ = getitem
+loop.ArrayDataset.__getitem__ = getitem
 distributed.ShardedBatchSampler.__iter__ = iterate
 
 if __name__ == "__main__":

@@ -1,0 +1,171 @@
+"""From data source to training arrays: apply the audit's clean-up, decode every image once into the uint8 cache,
+split Train into train/validation (stratified, never splitting a lesion or a copy), balance the training part, and
+decode the held-out Test split."""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from melanoma.balance import Balance, class_counts, expand, parse_balance
+from melanoma.config import TrainConfig, resolve_image_size, split_seed
+from melanoma.data import DataError, DatasetIndex, build_cache, display_name, load_dataset
+from melanoma.run import RunError
+from melanoma.splits import (Selection, grouped_stratified_split, random_split, select_heldout,
+                             select_training_pool)
+
+
+@dataclass
+class PreparedData:
+    classes: list[str]
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    val_images: np.ndarray
+    val_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    test_leaked: np.ndarray
+    test_names: list[str]
+    split_rows: list[dict]
+    summary: dict
+    train_sources: np.ndarray       # for expanded copies: the index in pool_names each came from; -1 for originals
+    pool_names: list[str]           # every image of the training pool (before the train/validation split)
+
+
+def load_clean_manifest(config: TrainConfig, index: DatasetIndex, run_dir: Path | None) -> list[dict]:
+    """The audit's per-image actions: read from --audit, or made now by auditing the data into the run folder.
+
+    Even with --no-clean the audit is used, to mark which Test images leaked into Train ("clean" Test scores).
+    """
+    if config.audit:
+        path = Path(config.audit)
+        path = path / "clean_manifest.csv" if path.is_dir() else path
+        if not path.is_file():
+            raise DataError(f"{display_name(path)}: no clean_manifest.csv there; run `melanoma audit` first")
+        with open(path, newline="", encoding="utf-8") as handle:
+            return list(csv.DictReader(handle))
+    from melanoma.audit import AuditConfig, run_audit
+    from melanoma.audit_report import write_audit
+    from melanoma.truth import load_ground_truth
+
+    truth = load_ground_truth(config.truth) if config.truth else None
+    result = run_audit(index, truth, AuditConfig())
+    if run_dir is not None:
+        write_audit(result, index, run_dir / "audit")
+    return result.manifest
+
+
+def prepare_data(config: TrainConfig, run_dir: Path | None = None, log=print) -> PreparedData:
+    """Discover, clean, decode once, split (grouped and stratified) and balance; all seeded."""
+    config = config.resolved()
+    index = load_dataset(config.data)
+    manifest = load_clean_manifest(config, index, run_dir)
+    pool = select_training_pool(index, manifest if config.clean else None, relabel=config.relabel)
+    classes = sorted(set(index.classes))
+    _check_labels_known(pool, classes)
+    size = resolve_image_size(config)
+    pool_cache = build_cache(pool.records, size=size)
+    keep = [i for i in range(len(pool.records)) if i not in pool_cache.errors]
+    images = pool_cache.images[keep]
+    labels = np.asarray([classes.index(pool.labels[i]) for i in keep])
+    groups = [pool.groups[i] for i in keep]
+    names = [display_name(pool.records[i].rel_path) for i in keep]
+    balance = parse_balance(config.balance)
+    if config.protocol == "leaky":
+        split = _leaky_expand_then_split(images, labels, names, balance, len(classes), config)
+    elif config.protocol == "leak-free":
+        split = _split_then_expand(images, labels, groups, names, balance, classes, config)
+    else:
+        raise RunError(f"unknown protocol '{config.protocol}' (leak-free or leaky)")
+    test = select_heldout(index, config.test_split, manifest) if config.test_split else None
+    test_part = _decode_heldout(test, classes, size)
+    prepared = PreparedData(classes=classes, **split, **test_part, pool_names=names,
+                            summary=_data_summary(index, pool, manifest, classes, split, test_part, config))
+    _log_data_summary(prepared.summary, log)
+    return prepared
+
+
+def train_image_names(data: PreparedData) -> list[str]:
+    """The file each training image is (or, for an expanded copy, was made from), in training order."""
+    names = [row["path"] for row in data.split_rows if row["role"] == "train"]
+    return names + [data.pool_names[source] for source in data.train_sources[len(names):]]
+
+
+def _check_labels_known(pool: Selection, classes: list[str]) -> None:
+    unknown = sorted(set(pool.labels) - set(classes))
+    if unknown:
+        raise DataError(f"labels not among the dataset's classes: {', '.join(unknown)}")
+
+
+def _split_then_expand(images, labels, groups, names, balance: Balance, classes: list[str], config: TrainConfig):
+    num_classes = len(classes)
+    train_idx, val_idx = grouped_stratified_split(labels, groups, config.val_fraction, split_seed(config), classes)
+    train_images, train_labels = images[train_idx], labels[train_idx]
+    sources = np.full(len(train_idx), -1, dtype=np.int64)
+    rows = [{"path": names[i], "label": int(labels[i]), "role": "train"} for i in train_idx]
+    rows += [{"path": names[i], "label": int(labels[i]), "role": "val"} for i in val_idx]
+    if balance.mode == "expand":
+        new_images, new_labels, new_sources = expand(train_images, train_labels, balance.copies, num_classes,
+                                                     config.seed)
+        train_images = np.concatenate([train_images, new_images])
+        train_labels = np.concatenate([train_labels, new_labels])
+        sources = np.concatenate([sources, train_idx[new_sources]])
+    return {"train_images": train_images, "train_labels": train_labels, "val_images": images[val_idx],
+            "val_labels": labels[val_idx], "split_rows": rows, "train_sources": sources}
+
+
+def _leaky_expand_then_split(images, labels, names, balance: Balance, num_classes: int, config: TrainConfig):
+    """The course notebook's protocol, kept to measure its leak: expand the whole pool, *then* split at random."""
+    sources = np.arange(len(labels))
+    if balance.mode == "expand":
+        new_images, new_labels, new_sources = expand(images, labels, balance.copies, num_classes, config.seed)
+        images, labels = np.concatenate([images, new_images]), np.concatenate([labels, new_labels])
+        sources = np.concatenate([sources, new_sources])
+    train_idx, val_idx = random_split(len(labels), config.val_fraction, split_seed(config))
+    origin = [names[s] + ("" if i < len(names) else " (expanded copy)") for i, s in enumerate(sources)]
+    rows = [{"path": origin[i], "label": int(labels[i]), "role": "train"} for i in train_idx]
+    rows += [{"path": origin[i], "label": int(labels[i]), "role": "val"} for i in val_idx]
+    train_sources = np.where(np.arange(len(labels))[train_idx] >= len(names), sources[train_idx], -1)
+    return {"train_images": images[train_idx], "train_labels": labels[train_idx], "val_images": images[val_idx],
+            "val_labels": labels[val_idx], "split_rows": rows, "train_sources": train_sources}
+
+
+def _decode_heldout(test: Selection | None, classes: list[str], size: int) -> dict:
+    empty = np.zeros((0, size, size, 3), dtype=np.uint8)
+    if test is None or not test.records:
+        return {"test_images": empty, "test_labels": np.zeros(0, dtype=np.int64),
+                "test_leaked": np.zeros(0, dtype=bool), "test_names": []}
+    unknown = sorted(set(test.labels) - set(classes))
+    if unknown:
+        raise DataError(f"held-out classes missing from training: {', '.join(unknown)}")
+    cache = build_cache(test.records, size=size)
+    keep = [i for i in range(len(test.records)) if i not in cache.errors]
+    return {"test_images": cache.images[keep],
+            "test_labels": np.asarray([classes.index(test.labels[i]) for i in keep], dtype=np.int64),
+            "test_leaked": np.asarray([test.leaked[i] for i in keep], dtype=bool),
+            "test_names": [display_name(test.records[i].rel_path) for i in keep]}
+
+
+def _data_summary(index, pool: Selection, manifest, classes, split, test_part, config) -> dict:
+    def counts(labels):
+        return dict(zip(classes, class_counts(labels, len(classes)).tolist()))
+
+    return {"data": display_name(index.root), "cleaned": config.clean, "dropped": dict(pool.dropped),
+            "relabelled": pool.relabelled, "protocol": config.protocol, "balance": config.balance,
+            "train": len(split["train_labels"]), "expanded_copies": int((split["train_sources"] >= 0).sum()),
+            "val": len(split["val_labels"]), "test": len(test_part["test_labels"]),
+            "test_clean": int((~test_part["test_leaked"]).sum()),
+            "train_counts": counts(split["train_labels"]), "val_counts": counts(split["val_labels"]),
+            "test_counts": counts(test_part["test_labels"])}
+
+
+def _log_data_summary(summary: dict, log) -> None:
+    if summary["cleaned"]:
+        dropped = ", ".join(f"{v} {k}" for k, v in summary["dropped"].items()) or "nothing"
+        log(f"clean manifest: dropped {dropped}; relabelled {summary['relabelled']}")
+    else:
+        log("--no-clean: training on the folders as they are")
+    log(f"train {summary['train']} (of which {summary['expanded_copies']} expanded copies), val {summary['val']}, "
+        f"test {summary['test']} ({summary['test_clean']} not leaked into Train)")

@@ -1,0 +1,242 @@
+"""The run folder: its layout, how it is created and promoted atomically, what a checkpoint holds, and loading a
+finished run back (:class:`Run`) for ``predict``, ``evaluate``, ``export``, ``explain``, ``report`` and ``serve``.
+
+A run folder holds everything needed to trace a number back to the command that made it::
+
+    config.json        resolved config, model spec, classes, preprocessing, environment, command line
+    data.json          what was dropped / relabelled, split sizes and class counts; split.csv: every image's role
+    checkpoints/       last.ckpt (Lightning, for --resume) and best.pt (plain tensors + metadata, for everything else)
+    history.csv        per-epoch train/val loss and accuracy; curves.png plots it
+    metrics.json       validation and Test ("all" and "clean": not leaked into Train) metrics of the best checkpoint
+    model.onnx         written by ``melanoma export`` (onnxruntime backend for predict and serve)
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from melanoma.data import display_name
+from melanoma.io import atomic_write_bytes, read_json
+from melanoma.models import ModelSpec, build_model
+
+CONFIG = "config.json"
+METRICS = "metrics.json"
+HISTORY = "history.csv"
+CHECKPOINT_DIR = "checkpoints"
+BEST = "best.pt"
+LAST = "last.ckpt"
+ONNX_FILE = "model.onnx"
+CHECKPOINT_FORMAT = "melanoma-checkpoint-v1"
+
+
+class RunError(RuntimeError):
+    """A run that cannot start, continue or be loaded as asked; nothing already written has been touched."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Creating a run folder
+
+
+def prepare_run_dir(out: str | os.PathLike, resume: bool, overwrite: bool) -> Path:
+    """The run folder to write: an existing one only with --resume (it must hold a config) or --overwrite."""
+    run_dir = Path(out)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunError(f"{display_name(run_dir)} is a file, not a run folder")
+    if resume:
+        if not (run_dir / CONFIG).is_file():
+            raise RunError(f"{display_name(run_dir)}: nothing to resume (no {CONFIG})")
+        return run_dir
+    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise RunError(f"{display_name(run_dir)} already exists; pass --overwrite to replace it or --resume to "
+                       "continue it")
+    return run_dir
+
+
+def staging_dir(run_dir: Path) -> Path:
+    """A new run is assembled beside its final place, so a failed start never touches an existing folder."""
+    staging = run_dir.with_name(f".{run_dir.name}.starting")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def promote_staging(staging: Path, run_dir: Path, overwrite: bool) -> Path:
+    if run_dir.exists():
+        if not overwrite and any(run_dir.iterdir()):
+            raise RunError(f"{display_name(run_dir)} appeared while starting; not overwriting it")
+        shutil.rmtree(run_dir)
+    os.replace(staging, run_dir)
+    return run_dir
+
+
+def read_history(run_dir: Path) -> list[dict]:
+    path = run_dir / HISTORY
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()}
+                for row in csv.DictReader(handle)]
+    for row in rows:
+        row["epoch"] = int(row["epoch"])
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_best(run_dir: Path, model: nn.Module, spec: ModelSpec, classes: list[str], config: dict,
+              epoch: int, metrics: dict) -> None:
+    """best.pt: plain tensors and metadata (loadable with ``weights_only=True``), written atomically."""
+    payload = {"format": CHECKPOINT_FORMAT, "model_state": {k: v.detach().cpu().clone()
+                                                            for k, v in model.state_dict().items()},
+               "spec": spec.to_dict(), "classes": list(classes), "epoch": int(epoch) + 1,
+               "val_metrics": metrics, "config": config}
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(run_dir / CHECKPOINT_DIR / BEST, buffer.getvalue())
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """A best.pt checkpoint, loaded without unpickling arbitrary objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"{display_name(path)}: checkpoint not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, pickle error, not a torch file: all mean the same to the user
+        raise RunError(f"{display_name(path)}: not a readable checkpoint (corrupt or truncated?): {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise RunError(f"{display_name(path)}: not a melanoma checkpoint")
+    return payload
+
+
+def model_from_checkpoint(payload: dict) -> tuple[nn.Module, ModelSpec]:
+    spec = ModelSpec.from_dict(payload["spec"])
+    model = build_model(spec)
+    try:
+        model.load_state_dict(payload["model_state"])
+    except RuntimeError as exc:
+        raise RunError(f"checkpoint weights do not fit model '{spec.name}': {str(exc)[:300]}") from exc
+    return model.eval(), spec
+
+
+def check_resumable(last: Path) -> None:
+    if not last.is_file():
+        raise RunError(f"{display_name(last)}: no checkpoint to resume from")
+    try:
+        torch.load(last, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise RunError(f"{display_name(last)}: checkpoint is corrupt or truncated ({exc}); nothing was changed. "
+                       "Start again with --overwrite") from exc
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A finished run, loaded back
+
+
+@dataclass
+class Run:
+    """A trained run folder, loaded for prediction.
+
+    It carries everything a prediction needs: the model spec (architecture, input size, normalisation), the class
+    names, the weights, whether to use test-time augmentation, the calibration temperature and the melanoma alert
+    threshold chosen on validation. The threshold is applied outside the model, so it can change without retraining.
+    """
+
+    path: Path
+    model: object
+    image_size: int
+    classes: list[str]
+    tta: bool
+    threshold: float | None
+    config: dict
+    backend: str = "torch"          # torch | onnx
+    session: object = None          # the onnxruntime session when backend == "onnx"
+    calibration: dict | None = None
+    device: str = "cpu"             # where the PyTorch backend runs ("cuda:1", ...)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, threshold: float | None = None, backend: str = "auto",
+             threads: int | None = None, device: str = "cpu") -> "Run":
+        """Load a run; ``backend`` auto uses onnxruntime when the run has model.onnx (and ``device`` is the CPU),
+        PyTorch otherwise."""
+        path = Path(path)
+        if not (path / CONFIG).is_file():
+            raise RunError(f"{display_name(path)}: not a run folder (no {CONFIG})")
+        checkpoint = path / CHECKPOINT_DIR / BEST
+        if not checkpoint.is_file():
+            raise RunError(f"{display_name(path)}: the run has no checkpoint ({CHECKPOINT_DIR}/{BEST}); "
+                           "did training finish an epoch?")
+        payload = load_checkpoint(checkpoint)
+        model, spec = model_from_checkpoint(payload)
+        config = read_json(path / CONFIG)
+        metrics = read_json(path / METRICS) if (path / METRICS).is_file() else {}
+        alert = metrics.get("alert") or {}
+        run = cls(path=path, model=model.to(device), image_size=spec.image_size, classes=list(payload["classes"]),
+                  tta=bool(config["config"].get("tta")), config=config, calibration=metrics.get("calibration"),
+                  threshold=threshold if threshold is not None else alert.get("threshold"), device=device)
+        if run.calibration is None:
+            warnings.warn(f"{display_name(path)} has no calibration ({METRICS} without a temperature); "
+                          "predicting with uncalibrated probabilities", stacklevel=2)
+        onnx_path = path / ONNX_FILE
+        if backend == "onnx" or (backend == "auto" and onnx_path.is_file() and device == "cpu"):
+            if not onnx_path.is_file():
+                raise RunError(f"{display_name(path)}: no {ONNX_FILE}; run `melanoma export {display_name(path)}`")
+            run.session = load_onnx_session(onnx_path, run.classes, run.image_size, threads)
+            run.backend = "onnx"
+        return run
+
+    @property
+    def temperature(self) -> float:
+        return float(self.calibration["temperature"]) if self.calibration else 1.0
+
+    def probabilities(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """Calibrated class probabilities (the run's temperature applied) from either backend."""
+        from melanoma.calibration import apply_temperature
+        from melanoma.probabilities import predict_probabilities, probabilities_with
+
+        if self.backend == "onnx":
+            def forward(pixels: torch.Tensor) -> np.ndarray:
+                return self.session.run(None, {"pixels": pixels.numpy()})[0]
+
+            raw = probabilities_with(forward, images, self.image_size, batch_size=batch_size, tta=self.tta)
+        else:
+            raw = predict_probabilities(self.model, images, self.image_size, batch_size=batch_size, tta=self.tta,
+                                        device=self.device)
+        return apply_temperature(raw, self.temperature) if self.temperature != 1.0 else raw
+
+
+def load_onnx_session(path: Path, classes: list[str], image_size: int, threads: int | None = None):
+    """An onnxruntime session for a run's model.onnx, refused if its metadata does not match the run.
+
+    ``threads``: intra-op threads per inference (serving runs one inference per core, each on one thread, instead of
+    letting concurrent inferences fight over every core)."""
+    import json
+
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    try:
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise RunError(f"{display_name(path)}: not a loadable ONNX model ({exc})") from exc
+    metadata = session.get_modelmeta().custom_metadata_map
+    onnx_classes = json.loads(metadata.get("classes", "null") or "null")
+    if onnx_classes != classes or metadata.get("image_size") != str(image_size):
+        raise RunError(f"{display_name(path)} does not match its run (ONNX: classes {onnx_classes}, size "
+                       f"{metadata.get('image_size')}; run: classes {classes}, size {image_size}). "
+                       "Re-export with `melanoma export RUN`")
+    return session

@@ -1,0 +1,121 @@
+"""After training: score the best checkpoint on validation (overall and per acquisition era) and on Test (all
+images and the clean ones), fit the calibration temperature and choose the melanoma alert threshold on validation,
+and write metrics.json, test_predictions.csv, curves.png and report.html."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from melanoma.calibration import apply_temperature, calibration_summary, fit_temperature, reliability_figure
+from melanoma.config import TrainConfig
+from melanoma.data import ERAS, MELANOMA, acquisition_era
+from melanoma.evaluation import bootstrap_ci, compute_metrics, threshold_for_sensitivity
+from melanoma.hardware import evaluation_device
+from melanoma.io import save_figure, write_csv, write_json
+from melanoma.plots import training_curves_figure
+from melanoma.prepare import PreparedData
+from melanoma.probabilities import predict_probabilities
+from melanoma.report import write_run_report
+from melanoma.run import BEST, CHECKPOINT_DIR, METRICS, load_checkpoint, model_from_checkpoint
+
+
+def finish_run(run_dir: Path, data: PreparedData, config: TrainConfig, history: list[dict], log=print) -> dict:
+    """Score the best checkpoint on validation and Test (all / clean), write metrics.json and curves.png."""
+    payload = load_checkpoint(run_dir / CHECKPOINT_DIR / BEST)
+    model, spec = model_from_checkpoint(payload)
+    device = evaluation_device(config.accelerator)
+    model.to(device)
+    raw_val_probs = predict_probabilities(model, data.val_images, spec.image_size, tta=config.tta, device=device)
+    calibration = _calibrate(run_dir, raw_val_probs, data.val_labels)
+    val_probs = apply_temperature(raw_val_probs, calibration["temperature"])
+    alert = _alert_threshold(data, val_probs, config.target_sensitivity)
+    threshold = alert["threshold"] if alert else None
+    metrics = {"best_epoch": payload["epoch"], "epochs_run": len(history), "tta": config.tta,
+               "final_epoch": history[-1] if history else {}, "alert": alert, "calibration": calibration,
+               "validation": compute_metrics(data.val_labels, val_probs, data.classes, threshold)}
+    by_era = validation_by_era(data, val_probs, threshold)
+    if by_era:
+        metrics["validation_by_era"] = by_era
+    if len(data.test_labels):
+        raw_test_probs = predict_probabilities(model, data.test_images, spec.image_size, tta=config.tta,
+                                               device=device)
+        test_probs = apply_temperature(raw_test_probs, calibration["temperature"])
+        calibration["test_before"] = calibration_summary(raw_test_probs, data.test_labels)
+        calibration["test_after"] = calibration_summary(test_probs, data.test_labels)
+        metrics["test"] = {}
+        for subset, mask in (("all", np.ones(len(data.test_labels), dtype=bool)), ("clean", ~data.test_leaked)):
+            scores = compute_metrics(data.test_labels[mask], test_probs[mask], data.classes, threshold)
+            if config.bootstrap and mask.any():
+                scores["ci"] = bootstrap_ci(data.test_labels[mask], test_probs[mask], data.classes, threshold,
+                                            resamples=config.bootstrap, seed=config.seed)
+            metrics["test"][subset] = scores
+        write_csv(run_dir / "test_predictions.csv", _prediction_rows(data, test_probs),
+                  ["image", "label", "predicted", "leaked", *data.classes])
+    write_json(run_dir / METRICS, metrics)
+    if history:
+        save_figure(training_curves_figure(history, title=f"{config.model} ({config.protocol}, {config.balance})"),
+                    run_dir / "curves.png")
+    write_run_report(run_dir)
+    _log_metrics(metrics, log)
+    return metrics
+
+
+def validation_by_era(data: PreparedData, val_probs: np.ndarray, threshold: float | None) -> dict:
+    """Validation metrics per acquisition era (see melanoma.data.acquisition_era), where both eras are present.
+
+    A score over all validation images rewards telling the eras apart, which here also tells most nevi from most
+    melanomas; within one era that shortcut is no use, so these are the figures to watch for new images."""
+    names = [row["path"] for row in data.split_rows if row["role"] == "val"]
+    eras = np.array([acquisition_era(name) for name in names])
+    if len(set(eras)) < 2:
+        return {}
+    return {era: compute_metrics(data.val_labels[eras == era], val_probs[eras == era], data.classes, threshold)
+            for era in ERAS if (eras == era).any()}
+
+
+def _calibrate(run_dir: Path, val_probs: np.ndarray, val_labels: np.ndarray) -> dict:
+    """Temperature scaling on validation, with its before/after measures and a reliability diagram."""
+    temperature = fit_temperature(val_probs, val_labels)
+    after = apply_temperature(val_probs, temperature)
+    save_figure(reliability_figure(val_probs, after, val_labels, temperature), run_dir / "reliability.png")
+    return {"temperature": temperature, "fitted_on": "validation",
+            "validation_before": calibration_summary(val_probs, val_labels),
+            "validation_after": calibration_summary(after, val_labels)}
+
+
+def _alert_threshold(data: PreparedData, val_probs: np.ndarray, target: float) -> dict | None:
+    if MELANOMA not in data.classes:
+        return None
+    index = data.classes.index(MELANOMA)
+    chosen = threshold_for_sensitivity(data.val_labels == index, val_probs[:, index], target)
+    return chosen | {"chosen_on": "validation"}
+
+
+def _prediction_rows(data: PreparedData, probs: np.ndarray) -> list[dict]:
+    rows = []
+    for name, label, leaked, row in zip(data.test_names, data.test_labels, data.test_leaked, probs):
+        rows.append({"image": name, "label": data.classes[label], "predicted": data.classes[int(row.argmax())],
+                     "leaked": int(leaked), **{c: f"{p:.6f}" for c, p in zip(data.classes, row)}})
+    return rows
+
+
+def _log_metrics(metrics: dict, log) -> None:
+    val = metrics["validation"]
+    log(f"best epoch {metrics['best_epoch']}: validation accuracy {val['accuracy']:.3f}, "
+        f"balanced accuracy {val['balanced_accuracy']:.3f}")
+    for era, m in metrics.get("validation_by_era", {}).items():
+        mel = m.get("melanoma", {})
+        auc = f"{mel['auc']:.3f}" if mel.get("auc") is not None else "n/a"
+        melanomas = m["per_class"].get(MELANOMA, {}).get("support", 0)
+        log(f"  validation, {era} images (n={m['n']}, {melanomas} melanomas): balanced accuracy "
+            f"{m['balanced_accuracy']:.3f}, melanoma AUC {auc}")
+    for subset in ("all", "clean"):
+        if "test" in metrics:
+            m = metrics["test"][subset]
+            mel = m.get("melanoma", {})
+            auc = f"{mel['auc']:.3f}" if mel.get("auc") is not None else "n/a"
+            sens = f", sensitivity {mel['sensitivity']:.2f} / specificity {mel['specificity']:.2f} at the alert" \
+                if mel.get("sensitivity") is not None and mel.get("specificity") is not None else ""
+            log(f"test ({subset}, n={m['n']}): accuracy {m['accuracy']:.3f}, balanced accuracy "
+                f"{m['balanced_accuracy']:.3f}, macro F1 {m['macro_f1']:.3f}, melanoma AUC {auc}{sens}")
