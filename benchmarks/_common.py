@@ -8,6 +8,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "isic-9class-180px"
+EXTRA_MANIFEST = REPO.parent / "shared" / "data" / "isic-extra" / "manifest.csv"
 TRUTH_FILES = sorted((REPO.parent / "shared" / "data" / "groundtruth").glob("*.csv"))
 
 
@@ -15,6 +16,13 @@ def require_shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         sys.exit(f"benchmark needs {SHARED_DATA}")
     return SHARED_DATA
+
+
+def default_sources() -> list[Path]:
+    """The README main job's data: the course set and the official-label extra images."""
+    if not EXTRA_MANIFEST.is_file():
+        sys.exit(f"benchmark needs {EXTRA_MANIFEST}")
+    return [require_shared_data(), EXTRA_MANIFEST]
 
 
 def machine() -> dict:

@@ -11,7 +11,8 @@ import resource
 import time
 
 from _common import print_table, require_shared_data, write_results
-from melanoma.data import build_cache, discover_folder
+from melanoma.data import build_cache
+from melanoma.sources import discover_folder
 
 
 def main() -> None:

@@ -17,7 +17,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from _common import print_table, require_shared_data, write_results
-from melanoma.data import build_cache, discover_folder
+from melanoma.data import build_cache
+from melanoma.sources import discover_folder
 from melanoma.models import ModelSpec, build_model, default_normalization
 from melanoma.hardware import cpu_has_native_bf16
 from melanoma.loop import ArrayDataset

@@ -14,7 +14,8 @@ from melanoma.audit import AuditConfig, run_audit
 from melanoma.audit_report import write_audit
 from melanoma.fingerprints import fingerprint
 from melanoma.cli import main as cli_main
-from melanoma.data import ImageRecord, discover_folder
+from melanoma.data import ImageRecord
+from melanoma.sources import discover_folder
 from melanoma.truth import load_ground_truth
 
 
@@ -202,7 +203,7 @@ def test_manifest_lesion_ids_drive_same_lesion_leaks(tmp_path):
         save_image(tmp_path / name, lesion_image(seed, 96))
     (tmp_path / "m.csv").write_text("image,label,lesion_id,split\na.jpg,melanoma,L1,Train\n"
                                     "b.jpg,melanoma,L1,Test\nc.jpg,nevus,L2,Train\n")
-    from melanoma.data import read_manifest
+    from melanoma.sources import read_manifest
 
     result = run_audit(read_manifest(tmp_path / "m.csv"))
     assert [(leak["file"], leak["reason"]) for leak in result.cross_split_leaks] == [("b.jpg", "same-lesion")]

@@ -6,7 +6,8 @@ import pytest
 
 from conftest import SHARED_DATA, TRUTH_FILES, requires_shared_data
 from melanoma.audit import AuditConfig, run_audit
-from melanoma.data import decode_image, discover_folder
+from melanoma.data import decode_image
+from melanoma.sources import discover_folder
 from melanoma.truth import load_ground_truth
 
 pytestmark = requires_shared_data

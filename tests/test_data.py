@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from conftest import SHARED_DATA, lesion_image, requires_shared_data, save_image
-from melanoma.data import (DataError, ImageDecodeError, build_cache, decode_image, discover_folder,
-                           image_id_from_name, load_dataset, read_manifest)
+from melanoma.data import DataError, ImageDecodeError, build_cache, decode_image, image_id_from_name
+from melanoma.sources import discover_folder, load_dataset, read_manifest
 
 
 def test_split_layout_sorted_classes_and_ids(make_tree):
@@ -95,12 +95,15 @@ def test_manifest_by_path_and_isic_id(tmp_path):
 @pytest.mark.parametrize("body, message", [
     ("image,label\nISIC_0000001,melanomma\n", "row 2 (ISIC_0000001): unknown label 'melanomma'"),
     ("image,label\nmissing.jpg,melanoma\n", "row 2 (missing.jpg): file not found"),
-    ("image,label\nISIC_0000001,melanoma\nISIC_0000001.jpg,nevus\n", "duplicate id 'ISIC_0000001' (also on row 2)"),
-    ("path,label\nISIC_0000001,melanoma\n", "missing column 'image'"),
-    ("image,label\n", "missing column 'image'"),
+    ("path,label\nISIC_0000001,melanoma\n", "missing column 'image' (has: label, path)"),
+    ("image,label\n", "a header but no rows"),
+    ("", "missing column 'image' (has: no columns)"),
+    ("image,label\n,melanoma\n", "row 2: empty 'image'"),
+    ("image,label\nimgs,melanoma\n", "row 2 (imgs): is a folder, not an image file"),
 ])
 def test_bad_manifest_names_the_row(tmp_path, body, message):
     save_image(tmp_path / "ISIC_0000001.jpg", lesion_image(1))
+    (tmp_path / "imgs").mkdir()
     with pytest.raises(DataError) as error:
         read_manifest(_manifest(tmp_path, body))
     assert message in str(error.value)

@@ -41,13 +41,13 @@ def test_onnx_and_pytorch_predict_the_same(exported):
     assert [x.top_class for x in a] == [x.top_class for x in b]
 
 
-def test_colour_constancy_is_exported_inside_the_model(tmp_path):
-    _, run = train_tiny_run(tmp_path, colour_constancy=6.0)
+def test_colour_constancy_and_input_blur_are_exported_inside_the_model(tmp_path):
+    _, run = train_tiny_run(tmp_path, colour_constancy=6.0, input_blur=1.2)
     assert cli_main(["export", str(run)]) == 0
     images = np.random.default_rng(1).integers(0, 255, (4, 40, 40, 3), dtype=np.uint8)
     images[..., 2] //= 3  # a strong colour cast, so the correction matters
     torch_run, onnx_run = Run.load(run, backend="torch"), Run.load(run)
-    assert torch_run.model.colour.power == 6.0
+    assert torch_run.model.colour.power == 6.0 and torch_run.model.blur.radius == 4
     assert np.abs(torch_run.probabilities(images) - onnx_run.probabilities(images)).max() < 1e-4
 
 

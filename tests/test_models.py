@@ -76,3 +76,24 @@ def test_colour_constancy_travels_in_the_spec_and_old_specs_still_load():
     assert isinstance(build_model(ModelSpec.from_dict(legacy)).colour, torch.nn.Identity)
     with pytest.raises(ModelError, match="p >= 1"):
         build_model(ModelSpec("seed-cnn", 9, 32, colour_constancy=0.5))
+
+
+def test_input_blur_keeps_flat_images_flat_and_spreads_a_point():
+    from melanoma.models import GaussianBlur
+
+    blur = GaussianBlur(1.0)
+    flat = torch.full((1, 3, 16, 16), 120.0)
+    assert torch.allclose(blur(flat), flat, atol=1e-4)
+    point = torch.zeros(1, 3, 15, 15)
+    point[..., 7, 7] = 255.0
+    spread = blur(point)
+    assert abs(float(spread.sum()) - 3 * 255.0) < 1e-2  # the low-pass keeps brightness
+    assert spread[0, 0, 7, 7] < 0.2 * 255 and spread[0, 0, 7, 8] > 0.05 * 255
+    with pytest.raises(ModelError, match="positive sigma"):
+        GaussianBlur(0)
+
+
+def test_input_blur_travels_in_the_spec():
+    spec = ModelSpec("seed-cnn", 3, 32, input_blur=1.2)
+    assert isinstance(build_model(spec).blur, torch.nn.Module) and ModelSpec.from_dict(spec.to_dict()) == spec
+    assert isinstance(build_model(ModelSpec("seed-cnn", 3, 32)).blur, torch.nn.Identity)

@@ -43,7 +43,7 @@ def test_run_folder_is_self_contained(tiny, tmp_path, monkeypatch):
         assert (run / name).is_file(), name
     config = json.loads((run / "config.json").read_text())
     assert config["classes"] == list(CLASSES) and config["config"]["seed"] == 42
-    assert config["config"]["data"] == str(tiny.resolve())  # given relative, recorded absolute
+    assert config["config"]["data"] == [str(tiny.resolve())]  # given relative, recorded absolute
     assert config["model"]["name"] == "seed-cnn" and config["preprocessing"]["image_size"] == 32
     assert {"torch", "timm", "lightning"} <= set(config["environment"])
     history = list(csv.DictReader((run / "history.csv").open()))

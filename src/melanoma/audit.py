@@ -6,6 +6,7 @@ How copies are recognised lives in :mod:`melanoma.fingerprints`; writing the aud
 """
 from __future__ import annotations
 
+import re
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable
@@ -14,15 +15,17 @@ import numpy as np
 
 from melanoma.data import DEFAULT_MAX_PIXELS, DatasetIndex, ImageRecord, display_name
 from melanoma.fingerprints import Fingerprint, UnionFind, fingerprint_all, near_pairs
-from melanoma.truth import GroundTruth
+from melanoma.truth import GroundTruth, with_record_labels
 
 ACTION_KEEP = "keep"
 ACTION_DROP_TRAIN_COPY = "drop-train-copy-of-test"
 ACTION_RELABEL = "relabel"
 ACTION_EXCLUDE_CONFLICT = "exclude-conflict"
 ACTION_EXCLUDE_UNREADABLE = "exclude-unreadable"
-MANIFEST_COLUMNS = ("path", "split", "image_id", "folder_label", "official_label", "official_source", "lesion_id",
-                    "group", "leaked", "action", "reason")
+ACTION_DROP_DUPLICATE = "drop-duplicate"
+MANIFEST_COLUMNS = ("path", "source", "split", "image_id", "folder_label", "official_label", "official_source",
+                    "lesion_id", "group", "leaked", "action", "reason")
+_ISIC_ID = re.compile(r"ISIC_\d{7}")
 
 
 @dataclass
@@ -38,6 +41,7 @@ class AuditConfig:
 class AuditResult:
     root: str
     classes: list[str]
+    sources: list[dict]
     counts: list[dict]
     duplicate_groups: list[dict]
     label_conflicts: list[dict]
@@ -61,9 +65,10 @@ def run_audit(index: DatasetIndex, truth: GroundTruth | None = None, config: Aud
     """Run every check on a discovered dataset; no files are written here."""
     config = config or AuditConfig()
     records = index.records
+    truth = with_record_labels(truth, records)
     prints, errors = fingerprint_all(records, config.hash_size, config.max_pixels, config.workers, progress)
     good = sorted(prints)
-    relations = _copy_relations(prints, good, config)
+    relations = _copy_relations(records, prints, good, config)
     lesions = {i: _lesion_of(records[i], truth) for i in range(len(records))}
     duplicate_groups = _duplicate_groups(records, prints, relations)
     label_conflicts = _label_conflicts(records, relations, good)
@@ -74,10 +79,12 @@ def run_audit(index: DatasetIndex, truth: GroundTruth | None = None, config: Aud
     odd = _odd_images(records, prints)
     groups = _split_groups(records, relations, lesions)
     manifest = _clean_manifest(records, truth, lesions, groups, errors, leaks, leaked_train, label_conflicts)
+    _drop_cross_source_copies(records, prints, relations, manifest)
     counts = _counts(records, index.classes)
     summary = _summary(records, index, duplicate_groups, label_conflicts, leaks, disagreements, unlabelled,
                        unreadable, manifest, truth)
     return AuditResult(root=display_name(index.root), classes=list(index.classes), counts=counts,
+                       sources=index.sources,
                        duplicate_groups=duplicate_groups, label_conflicts=label_conflicts, cross_split_leaks=leaks,
                        truth_disagreements=disagreements, unreadable=unreadable, odd_images=odd,
                        warnings=list(index.warnings), summary=summary,
@@ -102,7 +109,9 @@ class _Relations:
         return self.adjacent.get(item, [])
 
 
-def _copy_relations(prints: dict[int, Fingerprint], good: list[int], config: AuditConfig) -> _Relations:
+def _copy_relations(records, prints: dict[int, Fingerprint], good: list[int], config: AuditConfig) -> _Relations:
+    """Pairs that are one picture: same bytes or pixels ('identical'), close hashes ('near-identical'), or the same
+    ISIC id in two sources ('same-id': the archive's id names one picture, whatever size each source keeps)."""
     kind: dict[tuple[int, int], str] = {}
     distance: dict[tuple[int, int], int] = {}
     for key in ("file_sha256", "pixel_sha256"):
@@ -120,10 +129,21 @@ def _copy_relations(prints: dict[int, Fingerprint], good: list[int], config: Aud
             pair = (good[a_pos], good[b_pos])
             kind.setdefault(pair, "near-identical")
             distance.setdefault(pair, bits)
+    for pair in _same_id_across_sources(records, good):
+        kind.setdefault(pair, "same-id")
     union = UnionFind(max(good, default=-1) + 1)
     for a, b in kind:
         union.union(a, b)
     return _Relations(kind=kind, distance=distance, union=union)
+
+
+def _same_id_across_sources(records, good: list[int]) -> list[tuple[int, int]]:
+    by_id: dict[str, list[int]] = defaultdict(list)
+    for i in good:
+        if _ISIC_ID.fullmatch(records[i].image_id):
+            by_id[records[i].image_id].append(i)
+    return [(a, b) for members in by_id.values() for pos, a in enumerate(members) for b in members[pos + 1:]
+            if records[a].source != records[b].source]
 
 
 def _lesion_of(record: ImageRecord, truth: GroundTruth | None) -> str | None:
@@ -140,7 +160,11 @@ def _duplicate_groups(records, prints, relations: _Relations) -> list[dict]:
         pixels = {prints[i].pixel_sha256 for i in members}
         kind = "identical" if len(files) == 1 else "pixel-identical" if len(pixels) == 1 else "near-identical"
         distances = [d for (a, b), d in relations.distance.items() if a in members and b in members]
+        if kind == "near-identical" and all(relations.kind.get((a, b)) == "same-id"
+                                            for a in members for b in members if a < b):
+            kind = "same-id"
         groups.append({"kind": kind, "files": [display_name(records[i].rel_path) for i in members],
+                       "sources": [records[i].source for i in members],
                        "image_ids": [records[i].image_id for i in members],
                        "labels": [records[i].label for i in members], "splits": [records[i].split for i in members],
                        "max_hash_distance": max(distances, default=0)})
@@ -166,13 +190,15 @@ def _label_conflicts(records, relations: _Relations, good: list[int]) -> list[di
             conflicts.append({"files": [display_name(records[i].rel_path) for i in members],
                               "image_ids": sorted({records[i].image_id for i in members}),
                               "labels": labels, "splits": sorted({records[i].split for i in members}),
+                              "sources": sorted({records[i].source for i in members}),
                               "kind": "identical" if same_bytes else "near-identical or same id"})
     return sorted(conflicts, key=lambda c: c["files"])
 
 
 def _cross_split_leaks(records, relations: _Relations, lesions: dict[int, str | None], good: list[int]):
-    """Each held-out (non-Train) image with a copy or another photo of its lesion in Train."""
-    train = [i for i in good if records[i].is_train]
+    """Each held-out (non-Train) image with a copy or another photo of its lesion in the training pool of any
+    source (Train, or a source without splits)."""
+    train = [i for i in good if records[i].in_training_pool]
     if not train:
         return [], {}
     train_by_lesion: dict[str, list[int]] = defaultdict(list)
@@ -183,23 +209,25 @@ def _cross_split_leaks(records, relations: _Relations, lesions: dict[int, str | 
         train_by_id[records[i].image_id].append(i)
     leaks = []
     leaked_train: dict[int, tuple[str, int]] = {}
-    rank = {"identical": 0, "near-identical": 1, "same-lesion": 2}
+    rank = {"identical": 0, "near-identical": 1, "same-id": 2, "same-lesion": 3}
     for i in good:
-        if records[i].is_train or not records[i].split:
+        if records[i].in_training_pool:
             continue
         found: dict[int, str] = {}
         for j, kind in relations.partners(i):
-            if records[j].is_train:
+            if records[j].in_training_pool:
                 found[j] = kind
         for j in train_by_lesion.get(lesions[i] or "", []) + train_by_id.get(records[i].image_id, []):
             found.setdefault(j, "same-lesion")
         if not found:
             continue
         reason = min(found.values(), key=rank.__getitem__)
-        leaks.append({"file": display_name(records[i].rel_path), "split": records[i].split,
+        leaks.append({"file": display_name(records[i].rel_path), "source": records[i].source,
+                      "split": records[i].split,
                       "image_id": records[i].image_id, "label": records[i].label, "reason": reason,
                       "lesion_id": lesions[i],
                       "train_files": [display_name(records[j].rel_path) for j in sorted(found)],
+                      "train_sources": [records[j].source for j in sorted(found)],
                       "train_reasons": [found[j] for j in sorted(found)]})
         for j, kind in found.items():
             leaked_train.setdefault(j, (kind, i))
@@ -215,18 +243,22 @@ def _truth_disagreements(records, truth: GroundTruth | None, good: list[int]):
         if official is None:
             unlabelled += 1
         elif official.contradicts(records[i].label):
-            disagreements.append({"file": display_name(records[i].rel_path), "image_id": records[i].image_id,
+            disagreements.append({"file": display_name(records[i].rel_path), "data_source": records[i].source,
+                                  "image_id": records[i].image_id,
                                   "split": records[i].split, "folder_label": records[i].label,
                                   "official_label": official.label, "source": official.source})
     return disagreements, unlabelled
 
 
 def _odd_images(records, prints: dict[int, Fingerprint]) -> list[dict]:
-    sizes = Counter(p.size for p in prints.values())
-    usual = sizes.most_common(1)[0][0] if sizes else None
+    """Images decoded with a conversion, or of another size than most of their own source's images."""
+    sizes: dict[str, Counter] = defaultdict(Counter)
+    for i, p in prints.items():
+        sizes[records[i].source][p.size] += 1
     odd = []
     for i, p in sorted(prints.items()):
         problems = list(p.notes)
+        usual = sizes[records[i].source].most_common(1)[0][0]
         if p.mode != "RGB" and not any(p.mode in note for note in problems):
             problems.append(f"mode {p.mode}")
         if p.size != usual:
@@ -262,7 +294,8 @@ def _clean_manifest(records, truth, lesions, groups, errors, leaks, leaked_train
     for i, record in enumerate(records):
         official = truth.label_for(record.image_id) if truth else None
         action, reason = _action_for(i, record, official, errors, leaked_train, conflicted, records)
-        rows.append({"path": display_name(record.rel_path), "split": record.split, "image_id": record.image_id,
+        rows.append({"path": display_name(record.rel_path), "source": record.source, "split": record.split,
+                     "image_id": record.image_id,
                      "folder_label": record.label, "official_label": official.label if official else "",
                      "official_source": official.source if official else "", "lesion_id": lesions[i] or "",
                      "group": groups[i], "leaked": int(display_name(record.rel_path) in leaked_files),
@@ -277,7 +310,7 @@ def _action_for(i, record, official, errors, leaked_train, conflicted, records) 
         kind, test_index = leaked_train[i]
         return ACTION_DROP_TRAIN_COPY, f"{kind} to {display_name(records[test_index].rel_path)}"
     contradicted = official is not None and official.contradicts(record.label)
-    if display_name(record.rel_path) in conflicted and record.is_train:
+    if display_name(record.rel_path) in conflicted and record.in_training_pool:
         if official is None:
             return ACTION_EXCLUDE_CONFLICT, "same picture filed under other classes; no official label"
         if contradicted:
@@ -285,6 +318,34 @@ def _action_for(i, record, official, errors, leaked_train, conflicted, records) 
     if contradicted:
         return ACTION_RELABEL, f"folder says {record.label}, {official.source} says {official.label}"
     return ACTION_KEEP, ""
+
+
+def _drop_cross_source_copies(records, prints, relations: _Relations, manifest: list[dict]) -> None:
+    """One picture in several sources trains once: of the copies still kept in a training pool, keep the one with
+    an official label when their labels differ, else the largest image (then the first source given); the rest get
+    ``drop-duplicate`` with the kept copy and the reason named."""
+    source_order = {name: position for position, name in reversed(list(enumerate(r.source for r in records)))}
+    kept = [i for i in sorted(prints) if records[i].in_training_pool
+            and manifest[i]["action"] in (ACTION_KEEP, ACTION_RELABEL)]
+    for members in relations.union.components(kept):
+        if len({records[i].source for i in members}) < 2:
+            continue
+        labels_differ = len({records[i].label for i in members}) > 1
+
+        def preference(i: int):
+            width, height = prints[i].size
+            official = bool(records[i].official_source) if labels_differ else False
+            return (official, width * height, -source_order[records[i].source], records[i].rel_path)
+
+        winner = max(members, key=preference)
+        width, height = prints[winner].size
+        why = (f"official label {records[winner].label}" if labels_differ and records[winner].official_source
+               else f"larger image, {width}x{height}")
+        for i in members:
+            if i != winner:
+                manifest[i]["action"] = ACTION_DROP_DUPLICATE
+                manifest[i]["reason"] = (f"same picture as {display_name(records[winner].rel_path)} "
+                                         f"({records[winner].source}), kept: {why}")
 
 
 def _counts(records, classes: list[str]) -> list[dict]:
@@ -314,4 +375,14 @@ def _summary(records, index, duplicate_groups, label_conflicts, leaks, disagreem
         "images_without_official_label": unlabelled,
         "unreadable": len(unreadable),
         "actions": dict(Counter(row["action"] for row in manifest)),
+        "sources": {source["name"]: source["images"] for source in index.sources},
+        "across_sources": _across_sources(duplicate_groups, label_conflicts, leaks, manifest),
     }
+
+
+def _across_sources(duplicate_groups, label_conflicts, leaks, manifest) -> dict:
+    """How many findings join images of different sources."""
+    return {"duplicate_groups": sum(len(set(g["sources"])) > 1 for g in duplicate_groups),
+            "label_conflict_groups": sum(len(c["sources"]) > 1 for c in label_conflicts),
+            "leaked_heldout_images": sum(any(s != leak["source"] for s in leak["train_sources"]) for leak in leaks),
+            "duplicates_dropped": sum(row["action"] == ACTION_DROP_DUPLICATE for row in manifest)}

@@ -32,7 +32,7 @@ def _progress(description: str):
 def cmd_audit(args: argparse.Namespace) -> int:
     from melanoma.audit import AuditConfig, run_audit
     from melanoma.audit_report import write_audit
-    from melanoma.data import load_dataset
+    from melanoma.sources import load_dataset, source_summary
     from melanoma.truth import load_ground_truth
 
     index = load_dataset(args.data, image_root=args.image_root)
@@ -40,6 +40,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     config = AuditConfig(near_threshold=args.near_threshold, workers=args.workers, seed=args.seed)
     for warning in index.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    for source in index.sources:
+        print(source_summary(source))
     result = run_audit(index, truth, config, progress=_progress("hashing"))
     written = write_audit(result, index, args.out)
     _print_audit_summary(result, written)
@@ -56,6 +58,8 @@ def _print_audit_summary(result, written) -> None:
         print(f"  contradicted by truth:       {s['truth_disagreements']} "
               f"({s['images_without_official_label']} images have no official label)")
     print(f"  unreadable or skipped:       {s['unreadable']}")
+    if len(s["sources"]) > 1:
+        print(f"  across sources:              {s['across_sources']}")
     print(f"  recommended actions:         {s['actions']}")
     print(f"wrote {', '.join(str(p) for p in written.values())}")
 
@@ -75,13 +79,14 @@ def _train_config(args: argparse.Namespace) -> "TrainConfig":
     from melanoma.config import TrainConfig
 
     return TrainConfig(
-        data=args.data, out=args.out, model=args.model, recipe=args.recipe, freeze_stages=args.freeze_stages,
+        data=args.data or [], out=args.out, model=args.model, recipe=args.recipe, freeze_stages=args.freeze_stages,
         preset=args.preset, balance=args.balance, era_balance=args.era_balance,
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+        epochs=args.epochs, image_steps=args.image_steps, batch_size=args.batch_size, lr=args.lr,
+        optimizer=args.optimizer,
         weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, schedule=args.schedule,
         warmup_epochs=args.warmup_epochs, freeze_epochs=args.freeze_epochs, backbone_lr_scale=args.backbone_lr_scale,
         ema_decay=args.ema, tta=args.tta, weights=args.weights, image_size=args.image_size,
-        colour_constancy=args.colour_constancy,
+        colour_constancy=args.colour_constancy, input_blur=args.input_blur,
         val_fraction=args.val_fraction, target_sensitivity=args.target_sensitivity, seed=args.seed,
         split_seed=args.split_seed,
         clean=not args.no_clean, relabel=args.relabel,
@@ -276,12 +281,18 @@ def _add_training_flags(parser: argparse.ArgumentParser, default_out: str, data_
     model.add_argument("--colour-constancy", type=float, default=0.0, metavar="P",
                        help="Shades of Gray colour constancy inside the model, Minkowski norm P (6 is usual; "
                             "default 0 = off): removes the dermatoscope's colour cast")
+    model.add_argument("--input-blur", type=float, metavar="SIGMA",
+                       help="Gaussian blur (sigma in pixels at --image-size) inside the model, the same for every "
+                            "source, so that sharpness cannot tell data sources apart (0 = off)")
     model.add_argument("--preset", help="augmentation: none, seed or dermoscopy")
     model.add_argument("--balance", help="none, weights, sampler or expand:N")
     model.add_argument("--era-balance", action=argparse.BooleanOptionalAction,
                        help="with a sampler: within each class, draw the ISIC archive's 2016-17 images (id below "
                             "0010000) and later ones equally often, so image age cannot stand in for the class")
-    model.add_argument("--epochs", type=int)
+    model.add_argument("--epochs", type=int, help="passes over the training split (default: the recipe's length)")
+    model.add_argument("--image-steps", type=int, metavar="N",
+                       help="training length as images drawn in all; epochs = N / training images, so the same "
+                            "recipe fits one data source or several (the finetune recipe's default)")
     model.add_argument("--batch-size", type=int)
     model.add_argument("--lr", type=float, help="learning rate of the head (the backbone gets --backbone-lr-scale)")
     model.add_argument("--optimizer", choices=["adam", "adamw"])
@@ -324,8 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
         "audit", help="find duplicates, label conflicts, Train/Test leaks and unreadable images",
         description="Audit a labelled image set before training on it. Writes audit.json, audit.md, "
                     "clean_manifest.csv (a recommended action per image) and plots to --out.")
-    audit.add_argument("data", help="ROOT/<class>/*, ROOT/{Train,Test}/<class>/* or a CSV manifest "
-                                    "(columns image,label[,lesion_id,split])")
+    audit.add_argument("data", nargs="+", metavar="SOURCE",
+                       help="one or more data sources: ROOT/<class>/* or ROOT/{Train,Test}/<class>/* folders, CSV "
+                            "manifests (columns image,label[,lesion_id,split,official_label_source]), ISIC Archive "
+                            "download folders (metadata.csv from `isic image download`); copies, conflicts and leaks "
+                            "are found across all of them")
     audit.add_argument("--truth", nargs="+", metavar="CSV",
                        help="official ISIC label files (HAM10000 metadata, ISIC 2019 / 2017 ground truth)")
     audit.add_argument("--out", default="runs/audit", help="output folder (default: runs/audit)")
@@ -351,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "PR curves, and melanoma sensitivity/specificity at the run's alert threshold, with stratified "
                     "bootstrap CIs, on all images of the split and on the 'clean' ones (not leaked into Train).")
     evaluate.add_argument("run", help="a run folder written by `melanoma train`")
-    evaluate.add_argument("--data", help="dataset root (default: the run's training data)")
+    evaluate.add_argument("--data", nargs="+", action="extend", metavar="SOURCE",
+                          help="data sources holding the split (default: the run's training data)")
     evaluate.add_argument("--split", default="Test", help="split folder to score (default: Test)")
     evaluate.add_argument("--out", help="output folder (default: RUN/evaluation-<split>)")
     evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default: 1000; 0 = none)")

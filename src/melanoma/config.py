@@ -16,7 +16,7 @@ from melanoma.transforms import PRESETS, PresetError
 
 @dataclass
 class TrainConfig:
-    data: str
+    data: list[str]                   # data sources: folders, manifests, ISIC Archive downloads (see melanoma.sources)
     out: str
     model: str = "tf_efficientnet_lite0"
     recipe: str | None = None         # seed | finetune; default: seed for the seed CNNs, finetune otherwise
@@ -25,6 +25,7 @@ class TrainConfig:
     balance: str | None = None
     era_balance: bool | None = None   # sampler only: equal draws of each acquisition era within a class
     epochs: int | None = None
+    image_steps: int | None = None    # training length in images drawn (epochs = round(image_steps / train images))
     batch_size: int | None = None
     lr: float | None = None
     optimizer: str | None = None      # adam | adamw
@@ -39,6 +40,7 @@ class TrainConfig:
     tta: bool | None = None           # 8 dihedral views at evaluation
     weights: str | None = None        # pretrained weights: 'package', 'timm', a state-dict path, or 'none'
     colour_constancy: float = 0.0     # Shades of Gray norm p inside the model (e.g. 6); 0 = off
+    input_blur: float | None = None   # Gaussian sigma (pixels at image_size) inside the model; 0 = off
     image_size: int | None = None
     val_fraction: float = 0.2
     target_sensitivity: float = 0.9   # the melanoma alert threshold is chosen on validation to reach this
@@ -63,6 +65,10 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        if isinstance(self.data, (str, Path)):  # one source, or a config.json written before several were possible
+            self.data = [str(self.data)]
+
     def resolved(self) -> "TrainConfig":
         """A copy with every recipe field filled in: explicit values win over the recipe's."""
         recipe = self.recipe or ("seed" if self.model in SEED_MODELS else "finetune")
@@ -70,6 +76,8 @@ class TrainConfig:
             raise RunError(f"unknown recipe '{recipe}' (choose from: {', '.join(RECIPES)})")
         values = {name: getattr(self, name) for name in RECIPES[recipe]}
         filled = {name: RECIPES[recipe][name] if value is None else value for name, value in values.items()}
+        if self.epochs is not None and self.image_steps is None:  # an explicit epoch count wins over the recipe's
+            filled["image_steps"] = None
         if filled["weights"] == "package" and self.model not in _PACKAGED_WEIGHTS:
             filled["weights"] = "none"
         return replace(self, recipe=recipe, **filled)
@@ -83,9 +91,10 @@ class TrainConfig:
 _PACKAGED_WEIGHTS = ("tf_efficientnet_lite0", "tf_efficientnet_lite2")
 RECIPES: dict[str, dict] = {
     # The course notebook: Keras defaults (Adam 1e-3, batch 32), no schedule, 180 px, trained from scratch.
-    "seed": dict(preset="seed", balance="none", era_balance=False, epochs=20, batch_size=32, lr=1e-3, optimizer="adam",
-                 weight_decay=0.0, label_smoothing=0.0, schedule="constant", warmup_epochs=0.0, freeze_epochs=0,
-                 freeze_stages=0, backbone_lr_scale=1.0, ema_decay=0.0, tta=False, weights="none", image_size=180),
+    "seed": dict(preset="seed", balance="none", era_balance=False, epochs=20, image_steps=None, batch_size=32,
+                 lr=1e-3, optimizer="adam", weight_decay=0.0, label_smoothing=0.0, schedule="constant",
+                 warmup_epochs=0.0, freeze_epochs=0, freeze_stages=0, backbone_lr_scale=1.0, ema_decay=0.0, tta=False,
+                 weights="none", image_size=180, input_blur=0.0),
     # Fine-tuning an ImageNet backbone on ~2,000 images on a CPU (chosen on the validation split, never on Test):
     "finetune": dict(
         preset="dermoscopy",      # lesions have no orientation; colour varies between dermatoscopes
@@ -96,7 +105,7 @@ RECIPES: dict[str, dict] = {
         era_balance=False,
         # 8 epochs at the images' own 180 px: 15 min on a 2-core CPU without bf16 where 15 epochs at 224 px took 39
         # (validation loss bottomed out at epoch 8 there); validation scores within seed noise (docs/results.md)
-        epochs=8, batch_size=32,
+        epochs=8, image_steps=None, batch_size=32,
         lr=1e-3,                  # head LR; the backbone gets backbone_lr_scale of it
         optimizer="adamw", weight_decay=0.01,
         label_smoothing=0.1,      # folder labels are noisy (see the audit)
@@ -105,8 +114,19 @@ RECIPES: dict[str, dict] = {
         freeze_stages=2,          # stem + first two stages (edges, colours) stay ImageNet: 2-3x faster on a CPU
         backbone_lr_scale=0.3,
         ema_decay=0.99,           # ~100-step horizon, about 2 epochs here
-        tta=True, weights="package", image_size=180),
+        tta=True, weights="package", image_size=180, input_blur=0.0),
 }
+
+
+_UPPER_BOUNDS = {"epochs": 10_000, "image_steps": 100_000_000, "batch_size": 4096}
+
+
+def with_epochs(config: TrainConfig, train_images: int) -> TrainConfig:
+    """The epoch count for a length given in image steps, once the training split's size is known (a resumed run
+    already has its count)."""
+    if config.epochs is not None or config.image_steps is None:
+        return config
+    return replace(config, epochs=max(1, round(config.image_steps / max(1, train_images))))
 
 
 def resolve_image_size(config: TrainConfig) -> int:
@@ -123,11 +143,18 @@ def validate_config(config: TrainConfig) -> None:
         raise RunError(f"--era-balance needs a sampler (--balance sampler or sampler:P), not '{config.balance}'")
     if config.preset not in PRESETS:
         raise PresetError(f"unknown augmentation preset '{config.preset}' (choose from: {', '.join(PRESETS)})")
-    if config.epochs < 1 or config.batch_size < 1:
-        raise RunError("--epochs and --batch-size must be at least 1")
+    if config.epochs is None and config.image_steps is None:
+        raise RunError("give the training length as --epochs or --image-steps")
+    for name in ("epochs", "image_steps", "batch_size"):
+        value = getattr(config, name)
+        if value is not None and not 1 <= value <= _UPPER_BOUNDS[name]:
+            raise RunError(f"--{name.replace('_', '-')} must be between 1 and {_UPPER_BOUNDS[name]:,}, not {value}")
     if config.colour_constancy and not config.colour_constancy >= 1:
         raise RunError(f"--colour-constancy must be a Minkowski norm >= 1 (6 is usual) or 0 for off, "
                        f"not {config.colour_constancy}")
+    if config.input_blur is not None and not 0 <= config.input_blur <= 10:
+        raise RunError(f"--input-blur must be a Gaussian sigma in pixels between 0 (off) and 10, not "
+                       f"{config.input_blur}")
     if config.protocol not in ("leak-free", "leaky"):
         raise RunError(f"unknown protocol '{config.protocol}' (leak-free or leaky)")
     build_spec(config, num_classes=2)  # unknown model names fail here
@@ -136,7 +163,8 @@ def validate_config(config: TrainConfig) -> None:
 def build_spec(config: TrainConfig, num_classes: int) -> ModelSpec:
     mean, std = default_normalization(config.model)
     spec = ModelSpec(name=config.model, num_classes=num_classes, image_size=resolve_image_size(config),
-                     mean=tuple(mean), std=tuple(std), colour_constancy=config.colour_constancy)
+                     mean=tuple(mean), std=tuple(std), colour_constancy=config.colour_constancy,
+                     input_blur=config.input_blur or 0.0)
     if not spec.is_seed:
         import timm
 
@@ -163,5 +191,5 @@ def with_absolute_paths(config: TrainConfig) -> TrainConfig:
     def absolute(path):
         return str(Path(path).expanduser().resolve()) if path else path
 
-    return replace(config, data=absolute(config.data), audit=absolute(config.audit),
+    return replace(config, data=[absolute(path) for path in config.data], audit=absolute(config.audit),
                    truth=[absolute(path) for path in config.truth] if config.truth else config.truth)

@@ -1,16 +1,9 @@
-"""Labelled-image discovery (folder trees and CSV manifests), safe image decoding and the in-memory image cache.
-
-Folder layouts understood::
-
-    ROOT/<class>/*.jpg                  one split
-    ROOT/{Train,Test}/<class>/*.jpg     several splits (folder names kept as split names)
-
-A CSV manifest has columns ``image`` (a path, relative to the manifest's folder or ``image_root``, or an ISIC id),
-``label`` and optionally ``lesion_id`` and ``split``.
+"""Labelled images: the record of one image and its source, the index of a dataset, ISIC ids and acquisition eras,
+safe image decoding and the in-memory uint8 image cache. Finding the images of a data source (folder trees, CSV
+manifests, ISIC Archive downloads) is :mod:`melanoma.sources`.
 """
 from __future__ import annotations
 
-import csv
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -52,11 +45,13 @@ class ImageDecodeError(DataError):
 @dataclass(frozen=True)
 class ImageRecord:
     path: Path
-    rel_path: str
+    rel_path: str                   # unique within the dataset; relative to DatasetIndex.root
     label: str
-    split: str = ""
+    split: str = ""                 # "" = a training pool with no split of its own
     image_id: str = ""
     lesion_id: str | None = None
+    source: str = ""                # the data source it came from (see melanoma.sources)
+    official_source: str = ""       # where its label came from when that is official ground truth, else ""
 
     @property
     def is_test(self) -> bool:
@@ -66,16 +61,25 @@ class ImageRecord:
     def is_train(self) -> bool:
         return self.split.lower() == "train"
 
+    @property
+    def in_training_pool(self) -> bool:
+        """Train-split images, and images of a source with no splits (a pool to train on, never held out)."""
+        return self.is_train or not self.split
+
 
 @dataclass
 class DatasetIndex:
-    """Every labelled image found, the sorted class list, and problems that did not stop discovery."""
+    """Every labelled image found, the sorted class list, and problems that did not stop discovery.
+
+    ``root`` is the folder every ``rel_path`` is relative to: the source itself, or the folder holding all sources.
+    ``sources`` describes each source (name, kind, path, counts, what was skipped, attribution)."""
 
     root: Path
     records: list[ImageRecord]
     classes: list[str]
     warnings: list[str] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
+    sources: list[dict] = field(default_factory=list)
 
     @property
     def splits(self) -> list[str]:
@@ -108,170 +112,17 @@ def acquisition_era(name: str) -> str:
 def display_name(path: str | os.PathLike) -> str:
     """A printable file name, with undecodable bytes shown as escapes instead of crashing a print."""
     text = os.fspath(path)
-    if not _has_surrogates(text):
+    if not has_surrogates(text):
         return text
     return text.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="backslashreplace")
 
 
-def _has_surrogates(text: str) -> bool:
+def has_surrogates(text: str) -> bool:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
         return True
     return False
-
-
-def load_dataset(source: str | os.PathLike, classes: Sequence[str] | None = None,
-                 image_root: str | os.PathLike | None = None) -> DatasetIndex:
-    """Discover a dataset from a folder tree or a CSV manifest."""
-    source = Path(source)
-    if not source.exists():
-        raise DataError(f"{display_name(source)}: no such file or folder")
-    if source.is_dir():
-        return discover_folder(source)
-    if source.suffix.lower() == ".csv":
-        return read_manifest(source, classes=classes, image_root=image_root)
-    raise DataError(f"{display_name(source)}: expected a folder of class folders or a .csv manifest")
-
-
-def discover_folder(root: str | os.PathLike) -> DatasetIndex:
-    """Find ``ROOT/<class>/*`` or ``ROOT/<split>/<class>/*`` images; classes sorted by name."""
-    root = Path(root)
-    subdirs = _visible_dirs(root)
-    if not subdirs:
-        raise DataError(f"{display_name(root)}: no class folders inside "
-                        "(expected ROOT/<class>/* or ROOT/Train/<class>/*)")
-    split_layout = all(d.name.lower() in SPLIT_NAMES for d in subdirs)
-    split_dirs = subdirs if split_layout else [root]
-    records: list[ImageRecord] = []
-    skipped: list[dict] = []
-    warnings: list[str] = []
-    class_names: set[str] = set()
-    per_split_classes: dict[str, set[str]] = {}
-    for split_dir in split_dirs:
-        split = split_dir.name if split_layout else ""
-        class_dirs = _visible_dirs(split_dir)
-        per_split_classes[split] = set()
-        if not class_dirs:
-            warnings.append(f"{display_name(split_dir)}: no class folders inside")
-        for class_dir in class_dirs:
-            label = class_dir.name
-            class_names.add(label)
-            found = _images_in(class_dir, root, label, split, skipped, warnings)
-            if found:
-                per_split_classes[split].add(label)
-            else:
-                warnings.append(f"{display_name(class_dir)}: class folder '{label}' holds no images")
-            records.extend(found)
-    if not records:
-        raise DataError(f"{display_name(root)}: no images found under the class folders")
-    classes = sorted(class_names)
-    warnings.extend(_class_coverage_warnings(classes, per_split_classes))
-    return DatasetIndex(root=root, records=records, classes=classes, warnings=warnings, skipped=skipped)
-
-
-def _visible_dirs(folder: Path) -> list[Path]:
-    return sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
-
-
-def _images_in(class_dir: Path, root: Path, label: str, split: str, skipped: list[dict],
-               warnings: list[str]) -> list[ImageRecord]:
-    found = []
-    for path in sorted(class_dir.iterdir(), key=lambda p: p.name):
-        if path.name.startswith(".") or path.is_dir():
-            continue
-        rel = path.relative_to(root).as_posix()
-        if _has_surrogates(path.name):
-            warnings.append(f"{display_name(rel)}: file name is not valid UTF-8 (shown with \\x escapes); "
-                            "rename it so manifests and reports can refer to it")
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
-            skipped.append({"file": display_name(rel),
-                            "error": f"not an image file name (suffix '{path.suffix}'); skipped"})
-            continue
-        found.append(ImageRecord(path=path, rel_path=rel, label=label, split=split,
-                                 image_id=image_id_from_name(path.name)))
-    return found
-
-
-def _class_coverage_warnings(classes: list[str], per_split: dict[str, set[str]]) -> list[str]:
-    warnings = []
-    if len(classes) < 2:
-        warnings.append(f"only one class found ({', '.join(classes)}): a classifier needs at least two")
-    train = next((s for s in per_split if s.lower() == "train"), None)
-    for split, present in per_split.items():
-        if train is None or split == train:
-            continue
-        for label in sorted(present - per_split[train]):
-            warnings.append(f"class '{label}' has images in {split} but none in {train}: a model cannot learn it")
-    return warnings
-
-
-def read_manifest(manifest: str | os.PathLike, classes: Sequence[str] | None = None,
-                  image_root: str | os.PathLike | None = None) -> DatasetIndex:
-    """Read a CSV manifest, checking every row before returning; any unusable row raises DataError naming it."""
-    manifest = Path(manifest)
-    base = Path(image_root) if image_root else manifest.parent
-    allowed = set(classes) if classes is not None else set(ISIC_CLASSES)
-    try:
-        with open(manifest, newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{display_name(manifest)}: not UTF-8 text ({exc.reason})") from exc
-    columns = set(rows[0]) if rows else set()
-    for required in ("image", "label"):
-        if required not in columns:
-            has = ", ".join(sorted(columns)) or "nothing"
-            raise DataError(f"{display_name(manifest)}: missing column '{required}' (has: {has})")
-    problems: list[str] = []
-    records: list[ImageRecord] = []
-    seen: dict[str, int] = {}
-    for line, row in enumerate(rows, start=2):
-        record = _manifest_row(row, line, base, allowed, seen, problems)
-        if record is not None:
-            records.append(record)
-    if problems:
-        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise DataError(f"{display_name(manifest)}: {len(problems)} unusable row(s):\n  {shown}")
-    if not records:
-        raise DataError(f"{display_name(manifest)}: no rows")
-    return DatasetIndex(root=base, records=records, classes=sorted({r.label for r in records}))
-
-
-def _manifest_row(row: dict, line: int, base: Path, allowed: set[str], seen: dict[str, int],
-                  problems: list[str]) -> ImageRecord | None:
-    image = (row.get("image") or "").strip()
-    label = (row.get("label") or "").strip()
-    where = f"row {line} ({image or 'no image'})"
-    if not image:
-        problems.append(f"row {line}: empty 'image'")
-        return None
-    if label not in allowed:
-        problems.append(f"{where}: unknown label '{label}' (known: {', '.join(sorted(allowed))})")
-        return None
-    path = _resolve_manifest_image(image, base)
-    if path is None:
-        problems.append(f"{where}: file not found under {display_name(base)}")
-        return None
-    image_id = image_id_from_name(path.name)
-    key = f"{(row.get('split') or '').strip()}/{image_id}"
-    if key in seen:
-        problems.append(f"{where}: duplicate id '{image_id}' (also on row {seen[key]})")
-        return None
-    seen[key] = line
-    rel = path.relative_to(base).as_posix() if path.is_relative_to(base) else str(path)
-    return ImageRecord(path=path, rel_path=rel, label=label, split=(row.get("split") or "").strip(),
-                       image_id=image_id, lesion_id=(row.get("lesion_id") or "").strip() or None)
-
-
-def _resolve_manifest_image(image: str, base: Path) -> Path | None:
-    candidate = Path(image) if Path(image).is_absolute() else base / image
-    if candidate.is_file():
-        return candidate
-    if _ISIC_ID.fullmatch(image):
-        for suffix in (".jpg", ".jpeg", ".png"):
-            if (base / f"{image}{suffix}").is_file():
-                return base / f"{image}{suffix}"
-    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------

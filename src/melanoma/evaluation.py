@@ -156,7 +156,8 @@ def evaluate_run(run_dir: str, data: str | None = None, split: str = "Test", out
     """Score a trained run on one split of a dataset: metrics with CIs on all and clean images, plots, predictions."""
     from pathlib import Path
 
-    from melanoma.data import build_cache, display_name, load_dataset
+    from melanoma.data import build_cache, display_name
+    from melanoma.sources import load_dataset
     from melanoma.run import Run
     from melanoma.io import save_figure, write_csv, write_json
     from melanoma.plots import confusion_figure, roc_pr_figures

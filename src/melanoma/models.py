@@ -40,6 +40,7 @@ class ModelSpec:
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
     timm_kwargs: dict = field(default_factory=dict)
     colour_constancy: float = 0.0   # Shades of Gray Minkowski norm p applied to the input (0 = off)
+    input_blur: float = 0.0         # Gaussian sigma in pixels at image_size applied to the input (0 = off)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,6 +90,32 @@ class ShadesOfGray(nn.Module):
         return (pixels * gain).clamp(0.0, 255.0)
 
 
+class GaussianBlur(nn.Module):
+    """A fixed Gaussian low-pass of the input (sigma in pixels), the same for every image and every data source.
+
+    Sources keep their pictures at different resolutions: the course set's 180x180 files carry about twice the fine
+    detail of the same pictures in isic-extra (200x150 and 256x192 files), so sharpness alone would tell a model which
+    source an image came from. Blurring every input to the resolution the coarsest source can give removes that cue
+    (``benchmarks/source_shortcut.py`` measures it). Inside the model it applies identically in training,
+    evaluation, ONNX and serving."""
+
+    def __init__(self, sigma: float):
+        super().__init__()
+        if not sigma > 0:
+            raise ModelError(f"input blur needs a positive sigma in pixels, not {sigma}")
+        radius = max(1, int(round(3 * sigma)))
+        offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+        kernel = torch.exp(-offsets ** 2 / (2 * sigma ** 2))
+        self.register_buffer("kernel", (kernel / kernel.sum()).repeat(3, 1, 1, 1), persistent=False)
+        self.radius = radius
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        # separable: rows, then columns; reflect padding keeps the borders' brightness
+        padded = nn.functional.pad(pixels, (self.radius, self.radius, self.radius, self.radius), mode="reflect")
+        rows = nn.functional.conv2d(padded, self.kernel.view(3, 1, 1, -1).to(pixels.dtype), groups=3)
+        return nn.functional.conv2d(rows, self.kernel.view(3, 1, -1, 1).to(pixels.dtype), groups=3)
+
+
 class SeedCNN(nn.Module):
     """Conv(3x3, same)+ReLU -> MaxPool, three times; [Dropout]; Flatten -> Dense(128)+ReLU -> Dense(classes)."""
 
@@ -117,11 +144,12 @@ class Classifier(nn.Module):
         super().__init__()
         self.spec = spec
         self.colour = ShadesOfGray(spec.colour_constancy) if spec.colour_constancy else nn.Identity()
+        self.blur = GaussianBlur(spec.input_blur) if spec.input_blur else nn.Identity()
         self.normalize = InputNormalization(spec.mean, spec.std)
         self.network = network
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.network(self.normalize(self.colour(pixels)))
+        return self.network(self.normalize(self.blur(self.colour(pixels))))
 
     def backbone_and_head(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """Parameters of the feature extractor and of the classification head (for freezing and per-group LRs)."""

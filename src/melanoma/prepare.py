@@ -4,6 +4,7 @@ decode the held-out Test split."""
 from __future__ import annotations
 
 import csv
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,8 +12,9 @@ import numpy as np
 
 from melanoma.balance import Balance, class_counts, expand, parse_balance
 from melanoma.config import TrainConfig, resolve_image_size, split_seed
-from melanoma.data import DataError, DatasetIndex, build_cache, display_name, load_dataset
+from melanoma.data import DataError, DatasetIndex, build_cache, display_name
 from melanoma.run import RunError
+from melanoma.sources import load_dataset
 from melanoma.splits import (Selection, grouped_stratified_split, random_split, select_heldout,
                              select_training_pool)
 
@@ -72,11 +74,12 @@ def prepare_data(config: TrainConfig, run_dir: Path | None = None, log=print) ->
     labels = np.asarray([classes.index(pool.labels[i]) for i in keep])
     groups = [pool.groups[i] for i in keep]
     names = [display_name(pool.records[i].rel_path) for i in keep]
+    sources = [pool.records[i].source for i in keep]
     balance = parse_balance(config.balance)
     if config.protocol == "leaky":
-        split = _leaky_expand_then_split(images, labels, names, balance, len(classes), config)
+        split = _leaky_expand_then_split(images, labels, names, sources, balance, len(classes), config)
     elif config.protocol == "leak-free":
-        split = _split_then_expand(images, labels, groups, names, balance, classes, config)
+        split = _split_then_expand(images, labels, groups, names, sources, balance, classes, config)
     else:
         raise RunError(f"unknown protocol '{config.protocol}' (leak-free or leaky)")
     test = select_heldout(index, config.test_split, manifest) if config.test_split else None
@@ -99,13 +102,15 @@ def _check_labels_known(pool: Selection, classes: list[str]) -> None:
         raise DataError(f"labels not among the dataset's classes: {', '.join(unknown)}")
 
 
-def _split_then_expand(images, labels, groups, names, balance: Balance, classes: list[str], config: TrainConfig):
+def _split_then_expand(images, labels, groups, names, data_sources, balance: Balance, classes: list[str],
+                       config: TrainConfig):
     num_classes = len(classes)
     train_idx, val_idx = grouped_stratified_split(labels, groups, config.val_fraction, split_seed(config), classes)
     train_images, train_labels = images[train_idx], labels[train_idx]
     sources = np.full(len(train_idx), -1, dtype=np.int64)
-    rows = [{"path": names[i], "label": int(labels[i]), "role": "train"} for i in train_idx]
-    rows += [{"path": names[i], "label": int(labels[i]), "role": "val"} for i in val_idx]
+    rows = [{"path": names[i], "label": int(labels[i]), "role": "train", "source": data_sources[i]}
+            for i in train_idx]
+    rows += [{"path": names[i], "label": int(labels[i]), "role": "val", "source": data_sources[i]} for i in val_idx]
     if balance.mode == "expand":
         new_images, new_labels, new_sources = expand(train_images, train_labels, balance.copies, num_classes,
                                                      config.seed)
@@ -116,7 +121,8 @@ def _split_then_expand(images, labels, groups, names, balance: Balance, classes:
             "val_labels": labels[val_idx], "split_rows": rows, "train_sources": sources}
 
 
-def _leaky_expand_then_split(images, labels, names, balance: Balance, num_classes: int, config: TrainConfig):
+def _leaky_expand_then_split(images, labels, names, data_sources, balance: Balance, num_classes: int,
+                             config: TrainConfig):
     """The course notebook's protocol, kept to measure its leak: expand the whole pool, *then* split at random."""
     sources = np.arange(len(labels))
     if balance.mode == "expand":
@@ -125,8 +131,8 @@ def _leaky_expand_then_split(images, labels, names, balance: Balance, num_classe
         sources = np.concatenate([sources, new_sources])
     train_idx, val_idx = random_split(len(labels), config.val_fraction, split_seed(config))
     origin = [names[s] + ("" if i < len(names) else " (expanded copy)") for i, s in enumerate(sources)]
-    rows = [{"path": origin[i], "label": int(labels[i]), "role": "train"} for i in train_idx]
-    rows += [{"path": origin[i], "label": int(labels[i]), "role": "val"} for i in val_idx]
+    rows = [{"path": origin[i], "label": int(labels[i]), "role": role, "source": data_sources[sources[i]]}
+            for role, part in (("train", train_idx), ("val", val_idx)) for i in part]
     train_sources = np.where(np.arange(len(labels))[train_idx] >= len(names), sources[train_idx], -1)
     return {"train_images": images[train_idx], "train_labels": labels[train_idx], "val_images": images[val_idx],
             "val_labels": labels[val_idx], "split_rows": rows, "train_sources": train_sources}
@@ -152,7 +158,11 @@ def _data_summary(index, pool: Selection, manifest, classes, split, test_part, c
     def counts(labels):
         return dict(zip(classes, class_counts(labels, len(classes)).tolist()))
 
-    return {"data": display_name(index.root), "cleaned": config.clean, "dropped": dict(pool.dropped),
+    roles = Counter((row["source"], row["role"]) for row in split["split_rows"])
+    sources = [source | {"train": roles[(source["name"], "train")], "val": roles[(source["name"], "val")]}
+               for source in index.sources]
+    return {"data": [display_name(path) for path in config.data], "root": str(index.root.absolute()),
+            "sources": sources, "cleaned": config.clean, "dropped": dict(pool.dropped),
             "relabelled": pool.relabelled, "protocol": config.protocol, "balance": config.balance,
             "train": len(split["train_labels"]), "expanded_copies": int((split["train_sources"] >= 0).sum()),
             "val": len(split["val_labels"]), "test": len(test_part["test_labels"]),

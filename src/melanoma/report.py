@@ -70,13 +70,14 @@ def write_run_report(run_dir: str | Path, gallery_size: int = 12) -> Path:
         _headline_section(metrics),
         _validation_section(metrics),
         _data_section(run_dir, data),
+        _sources_section(data),
         _figure_section("Training curves", figures.get("curves")),
         _figure_section("Confusion matrix (Test, all images)", figures.get("confusion")),
         _figure_section("ROC curves, one vs rest (Test, all images)", figures.get("roc")),
         _figure_section("Calibration (temperature scaling fitted on validation)", figures.get("reliability")),
         _per_class_section(metrics, config["classes"]),
-        _gallery_section(run_dir, config, gallery_size),
-        _gradcam_section(run_dir, config),
+        _gallery_section(run_dir, config, data, gallery_size),
+        _gradcam_section(run_dir, config, data),
         "<h2>Configuration</h2><pre>" + html.escape(_pretty(config)) + "</pre>",
     ]
     page = ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>melanoma run report</title>"
@@ -145,8 +146,10 @@ def _headline_section(metrics: dict) -> str:
 
 
 def _validation_section(metrics: dict) -> str:
-    """Validation over all images and within each acquisition era (where the run has both)."""
-    subsets = {"all": metrics["validation"], **metrics.get("validation_by_era", {})}
+    """Validation over all images, within each acquisition era and within each data source (where the run has
+    several)."""
+    subsets = {"all": metrics["validation"], **metrics.get("validation_by_era", {}),
+               **{f"source: {name}": m for name, m in metrics.get("validation_by_source", {}).items()}}
     rows = []
     for name, m in subsets.items():
         auc = (m.get("melanoma") or {}).get("auc")
@@ -190,6 +193,37 @@ def _data_section(run_dir: Path, data: dict) -> str:
             f"<th>validation</th><th>Test</th></tr></thead><tbody>{rows}</tbody></table>")
 
 
+def _sources_section(data: dict) -> str:
+    """Each data source: kind, images, how many trained and validated, what was skipped, and its attribution."""
+    sources = data.get("sources") or []
+    if not sources:
+        return ""
+    rows = "".join(f"<tr><td>{html.escape(s['name'])}</td><td>{html.escape(s['kind'])}</td><td>{s['images']}</td>"
+                   f"<td>{s.get('train', 'n/a')}</td><td>{s.get('val', 'n/a')}</td>"
+                   f"<td>{html.escape(_skipped_text(s.get('skipped')))}</td></tr>" for s in sources)
+    credits = "".join(f"<h3>Attribution: {html.escape(s['name'])}</h3><pre>{html.escape(s['attribution'])}</pre>"
+                      f"<p class='note'>Licences: {html.escape(str(s.get('licenses') or 'n/a'))}</p>"
+                      for s in sources if s.get("attribution"))
+    return ("<h2>Data sources</h2><table><thead><tr><th>source</th><th>kind</th><th>images</th><th>train</th>"
+            "<th>validation</th><th>skipped</th></tr></thead><tbody>" + rows + "</tbody></table>"
+            "<p class='note'>Train and validation count what remained after the audit's clean-up; a picture found in "
+            "several sources trains once.</p>" + credits)
+
+
+def _skipped_text(skipped) -> str:
+    if isinstance(skipped, dict):
+        return ", ".join(f"{count} {reason}" for reason, count in skipped.items()) or "none"
+    return f"{skipped} non-image file(s)" if skipped else "none"
+
+
+def _data_root(config: dict, data: dict) -> Path:
+    """The folder Test image paths are relative to: recorded by training, or the run's one data source."""
+    if data.get("root"):
+        return Path(data["root"])
+    sources = config["config"]["data"]
+    return Path(sources if isinstance(sources, str) else sources[0])
+
+
 def _figure_section(title: str, path: Path | None) -> str:
     if path is None or not path.is_file():
         return ""
@@ -214,7 +248,7 @@ def _per_class_section(metrics: dict, classes: list[str]) -> str:
             + "</tbody></table>")
 
 
-def _gallery_section(run_dir: Path, config: dict, size: int) -> str:
+def _gallery_section(run_dir: Path, config: dict, data: dict, size: int) -> str:
     """The most confidently wrong Test predictions, with their true and predicted labels."""
     from melanoma.data import decode_image
 
@@ -225,7 +259,7 @@ def _gallery_section(run_dir: Path, config: dict, size: int) -> str:
     predicted = probs.argmax(axis=1)
     wrong = np.flatnonzero(predicted != labels)
     wrong = wrong[np.argsort(-probs[wrong, predicted[wrong]])][:size]
-    root = Path(config["config"]["data"])
+    root = _data_root(config, data)
     cards = []
     for i in wrong:
         path = root / images[i]
@@ -243,7 +277,7 @@ def _gallery_section(run_dir: Path, config: dict, size: int) -> str:
     return ("<h2>Most confidently misclassified Test images</h2><div class='gallery'>" + "".join(cards) + "</div>")
 
 
-def _gradcam_section(run_dir: Path, config: dict, count: int = 9) -> str:
+def _gradcam_section(run_dir: Path, config: dict, data: dict, count: int = 9) -> str:
     """Grad-CAM overlays for one Test image per class (the first in file order), with the model's call."""
     import warnings
 
@@ -258,7 +292,7 @@ def _gradcam_section(run_dir: Path, config: dict, count: int = 9) -> str:
     chosen = [first_per_class[k] for k in sorted(first_per_class)][:count]
     if not chosen:
         return ""
-    root = Path(config["config"]["data"])
+    root = _data_root(config, data)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # an uncalibrated run is fine for a picture of where it looked
         run = Run.load(run_dir, backend="torch")

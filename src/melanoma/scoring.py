@@ -34,9 +34,9 @@ def finish_run(run_dir: Path, data: PreparedData, config: TrainConfig, history: 
     metrics = {"best_epoch": payload["epoch"], "epochs_run": len(history), "tta": config.tta,
                "final_epoch": history[-1] if history else {}, "alert": alert, "calibration": calibration,
                "validation": compute_metrics(data.val_labels, val_probs, data.classes, threshold)}
-    by_era = validation_by_era(data, val_probs, threshold)
-    if by_era:
-        metrics["validation_by_era"] = by_era
+    for key, within in (("validation_by_era", validation_by_era), ("validation_by_source", validation_by_source)):
+        if parts := within(data, val_probs, threshold):
+            metrics[key] = parts
     if len(data.test_labels):
         raw_test_probs = predict_probabilities(model, data.test_images, spec.image_size, tta=config.tta,
                                                device=device)
@@ -67,11 +67,23 @@ def validation_by_era(data: PreparedData, val_probs: np.ndarray, threshold: floa
     A score over all validation images rewards telling the eras apart, which here also tells most nevi from most
     melanomas; within one era that shortcut is no use, so these are the figures to watch for new images."""
     names = [row["path"] for row in data.split_rows if row["role"] == "val"]
-    eras = np.array([acquisition_era(name) for name in names])
-    if len(set(eras)) < 2:
+    return _within_groups(data, val_probs, threshold, [acquisition_era(name) for name in names], ERAS)
+
+
+def validation_by_source(data: PreparedData, val_probs: np.ndarray, threshold: float | None) -> dict:
+    """Validation metrics per data source, where the validation split holds images of several sources."""
+    sources = [row.get("source", "") for row in data.split_rows if row["role"] == "val"]
+    return _within_groups(data, val_probs, threshold, sources, sorted(set(sources)))
+
+
+def _within_groups(data: PreparedData, val_probs: np.ndarray, threshold: float | None, groups: list[str],
+                   order) -> dict:
+    groups = np.array(groups)
+    if len(set(groups.tolist())) < 2:
         return {}
-    return {era: compute_metrics(data.val_labels[eras == era], val_probs[eras == era], data.classes, threshold)
-            for era in ERAS if (eras == era).any()}
+    return {name: compute_metrics(data.val_labels[groups == name], val_probs[groups == name], data.classes,
+                                  threshold)
+            for name in order if (groups == name).any()}
 
 
 def _calibrate(run_dir: Path, val_probs: np.ndarray, val_labels: np.ndarray) -> dict:
@@ -104,11 +116,12 @@ def _log_metrics(metrics: dict, log) -> None:
     val = metrics["validation"]
     log(f"best epoch {metrics['best_epoch']}: validation accuracy {val['accuracy']:.3f}, "
         f"balanced accuracy {val['balanced_accuracy']:.3f}")
-    for era, m in metrics.get("validation_by_era", {}).items():
+    parts = {**metrics.get("validation_by_era", {}), **metrics.get("validation_by_source", {})}
+    for name, m in parts.items():
         mel = m.get("melanoma", {})
         auc = f"{mel['auc']:.3f}" if mel.get("auc") is not None else "n/a"
         melanomas = m["per_class"].get(MELANOMA, {}).get("support", 0)
-        log(f"  validation, {era} images (n={m['n']}, {melanomas} melanomas): balanced accuracy "
+        log(f"  validation, {name} images (n={m['n']}, {melanomas} melanomas): balanced accuracy "
             f"{m['balanced_accuracy']:.3f}, melanoma AUC {auc}")
     for subset in ("all", "clean"):
         if "test" in metrics:

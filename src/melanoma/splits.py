@@ -8,11 +8,11 @@ from typing import Sequence
 
 import numpy as np
 
-from melanoma.audit import (ACTION_DROP_TRAIN_COPY, ACTION_EXCLUDE_CONFLICT, ACTION_EXCLUDE_UNREADABLE,
-                            ACTION_RELABEL)
+from melanoma.audit import (ACTION_DROP_DUPLICATE, ACTION_DROP_TRAIN_COPY, ACTION_EXCLUDE_CONFLICT,
+                            ACTION_EXCLUDE_UNREADABLE, ACTION_RELABEL)
 from melanoma.data import DataError, DatasetIndex, ImageRecord, display_name
 
-DROPPING_ACTIONS = (ACTION_DROP_TRAIN_COPY, ACTION_EXCLUDE_CONFLICT, ACTION_EXCLUDE_UNREADABLE)
+DROPPING_ACTIONS = (ACTION_DROP_TRAIN_COPY, ACTION_EXCLUDE_CONFLICT, ACTION_EXCLUDE_UNREADABLE, ACTION_DROP_DUPLICATE)
 
 
 @dataclass
@@ -28,13 +28,12 @@ class Selection:
 
 
 def select_training_pool(index: DatasetIndex, manifest: Sequence[dict] | None, relabel: bool = False) -> Selection:
-    """Train-split records (all records for a flat layout) after the clean-manifest actions.
+    """The training pool (Train splits, and sources without splits) after the clean-manifest actions.
 
     ``manifest`` None means ``--no-clean``: every record as it is, grouped only by ISIC id.
     """
-    has_splits = any(r.split for r in index.records)
-    pool = [r for r in index.records if r.is_train] if has_splits else list(index.records)
-    if has_splits and not pool:
+    pool = [r for r in index.records if r.in_training_pool]
+    if not pool:
         raise DataError(f"{display_name(index.root)}: no Train split found (splits: {', '.join(index.splits)})")
     return _apply_manifest(pool, manifest, relabel)
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from melanoma.config import TrainConfig, build_spec, resumed_config, validate_config, with_absolute_paths
+from melanoma.config import (TrainConfig, build_spec, resumed_config, validate_config, with_absolute_paths,
+                             with_epochs)
 from melanoma.distributed import is_launch_rank_zero
 from melanoma.hardware import environment, resolve_precision
 from melanoma.io import write_csv, write_json
@@ -50,6 +51,7 @@ def train(config: TrainConfig, log=print) -> Path:
     # where this process writes while starting: nowhere (not rank 0), the run (resume), or a staging folder
     staging = None if not writer else run_dir if config.resume else staging_dir(run_dir)
     data = prepare_data(config, staging, log=log)
+    config = with_epochs(config, len(data.train_labels))
     spec = build_spec(config, num_classes=len(data.classes))
     model = _initial_model(spec, config, pretrained, log)
     if writer and not config.resume:
@@ -97,5 +99,5 @@ def _write_run_header(run_dir: Path, config: TrainConfig, spec: ModelSpec, data:
                           "normalization_inside_model": {"mean": spec.mean, "std": spec.std}},
         "environment": environment(), "command": " ".join(sys.argv)})
     write_json(run_dir / "data.json", data.summary)
-    write_csv(run_dir / "split.csv", data.split_rows, ["path", "label", "role"])
+    write_csv(run_dir / "split.csv", data.split_rows, ["path", "label", "role", "source"])
     (run_dir / CHECKPOINT_DIR).mkdir(exist_ok=True)

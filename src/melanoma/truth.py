@@ -13,9 +13,12 @@ import csv
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from melanoma.data import DataError, display_name
+
+if TYPE_CHECKING:
+    from melanoma.data import ImageRecord
 
 AK, BCC, DF, MEL, NV = "actinic keratosis", "basal cell carcinoma", "dermatofibroma", "melanoma", "nevus"
 PBK, SK, SCC, VASC = "pigmented benign keratosis", "seborrheic keratosis", "squamous cell carcinoma", "vascular lesion"
@@ -78,6 +81,25 @@ def load_ground_truth(paths: Iterable[str | os.PathLike]) -> GroundTruth:
                 opinions.setdefault(image_id, []).append(opinion)
     truth.labels = {image_id: combine(found) for image_id, found in opinions.items()}
     return truth
+
+
+def with_record_labels(truth: GroundTruth | None, records: Sequence["ImageRecord"]) -> GroundTruth | None:
+    """``truth`` plus the labels that data sources themselves took from official ground truth (a manifest's
+    ``official_label_source`` column, an ISIC Archive download's diagnoses), as one more, lowest-precedence opinion
+    per image id. None when there is neither."""
+    from_records: dict[str, list[OfficialLabel]] = {}
+    for record in records:
+        if record.official_source and record.image_id:
+            from_records.setdefault(record.image_id, []).append(official(record.label, record.source))
+    if not from_records:
+        return truth
+    merged = GroundTruth(labels=dict(truth.labels) if truth else {}, lesion_ids=dict(truth.lesion_ids) if truth else {},
+                         sources=list(truth.sources) if truth else [])
+    for image_id, opinions in from_records.items():
+        known = merged.labels.get(image_id)
+        merged.labels[image_id] = combine(([known] if known else []) + opinions)
+    merged.sources += sorted({record.source for record in records if record.official_source} - set(merged.sources))
+    return merged
 
 
 def _read_truth_file(path: Path) -> tuple[str, list[dict]]:
