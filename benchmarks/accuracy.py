@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 from _common import TRUTH_FILES, default_sources, print_table, write_results
-from melanoma.cli import _quiet_lightning, _train_config, build_parser
+from melanoma.arguments import build_parser
+from melanoma.cli import _quiet_lightning, _train_config
 from melanoma.config import TrainConfig
 from melanoma.training import train
 

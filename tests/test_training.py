@@ -246,9 +246,19 @@ def test_data_with_one_class_or_too_few_images(tmp_path):
     assert not (tmp_path / "r2").exists()
 
 
-def test_progress_bar_counts_epochs_from_one(tiny, tmp_path, capsys):
+def test_progress_bar_counts_epochs_from_one(tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("melanoma.loop.interactive", lambda: True)
     train(_config(tiny, tmp_path / "run", progress=True), log=lambda *_: None)
     captured = capsys.readouterr()
     bar = captured.out + captured.err
     assert "Epoch 1/2" in bar and "Epoch 2/2" in bar
     assert "Epoch 0" not in bar
+
+
+def test_a_log_file_gets_one_line_per_epoch_not_bar_redraws(tiny, tmp_path, capsys):
+    train(_config(tiny, tmp_path / "run", progress=True), log=lambda *_: None)
+    err = capsys.readouterr().err
+    assert "\r" not in err and "Epoch 1/2" not in err
+    lines = [line for line in err.splitlines() if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
+    assert "val loss" in lines[0]

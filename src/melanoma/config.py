@@ -2,15 +2,15 @@
 checks that every value makes sense before any data is read or anything written."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from melanoma.balance import parse_balance
 from melanoma.data import display_name
-from melanoma.io import read_json
 from melanoma.models import ModelSpec, SEED_MODELS, build_model, default_normalization
-from melanoma.run import CONFIG, RunError
+from melanoma.run import CONFIG, RunError, read_run_json
 from melanoma.transforms import PRESETS, PresetError
 
 
@@ -118,9 +118,6 @@ RECIPES: dict[str, dict] = {
 }
 
 
-_UPPER_BOUNDS = {"epochs": 10_000, "image_steps": 100_000_000, "batch_size": 4096}
-
-
 def with_epochs(config: TrainConfig, train_images: int) -> TrainConfig:
     """The epoch count for a length given in image steps, once the training split's size is known (a resumed run
     already has its count)."""
@@ -138,26 +135,52 @@ def split_seed(config: TrainConfig) -> int:
 
 
 def validate_config(config: TrainConfig) -> None:
-    """Every flag checked before any data is read or anything written."""
+    """Every value checked before any data is read or anything written, each with a one-line error."""
     if parse_balance(config.balance).mode != "sampler" and config.era_balance:
         raise RunError(f"--era-balance needs a sampler (--balance sampler or sampler:P), not '{config.balance}'")
     if config.preset not in PRESETS:
         raise PresetError(f"unknown augmentation preset '{config.preset}' (choose from: {', '.join(PRESETS)})")
     if config.epochs is None and config.image_steps is None:
         raise RunError("give the training length as --epochs or --image-steps")
-    for name in ("epochs", "image_steps", "batch_size"):
-        value = getattr(config, name)
-        if value is not None and not 1 <= value <= _UPPER_BOUNDS[name]:
-            raise RunError(f"--{name.replace('_', '-')} must be between 1 and {_UPPER_BOUNDS[name]:,}, not {value}")
+    for name, (low, high, closed_low, closed_high) in _RANGES.items():
+        check_range(f"--{_FLAG_NAMES.get(name, name.replace('_', '-'))}", getattr(config, name), low, high,
+                    closed_low, closed_high)
     if config.colour_constancy and not config.colour_constancy >= 1:
         raise RunError(f"--colour-constancy must be a Minkowski norm >= 1 (6 is usual) or 0 for off, "
                        f"not {config.colour_constancy}")
-    if config.input_blur is not None and not 0 <= config.input_blur <= 10:
-        raise RunError(f"--input-blur must be a Gaussian sigma in pixels between 0 (off) and 10, not "
-                       f"{config.input_blur}")
     if config.protocol not in ("leak-free", "leaky"):
         raise RunError(f"unknown protocol '{config.protocol}' (leak-free or leaky)")
+    if config.model in SEED_MODELS and config.weights not in (None, "none"):
+        raise RunError(f"--weights applies to ImageNet backbones; '{config.model}' is trained from scratch")
     build_spec(config, num_classes=2)  # unknown model names fail here
+
+
+# name: (low, high, low included, high included); None values mean "the recipe's" and are not checked
+_RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "epochs": (1, 10_000, True, True), "image_steps": (1, 100_000_000, True, True),
+    "batch_size": (1, 4096, True, True), "lr": (0, 10, False, True), "weight_decay": (0, 1, True, True),
+    "label_smoothing": (0, 1, True, False), "warmup_epochs": (0, 1000, True, True),
+    "freeze_epochs": (0, 10_000, True, True), "freeze_stages": (0, 20, True, True),
+    "backbone_lr_scale": (0, 10, True, True), "ema_decay": (0, 1, True, False),
+    "colour_constancy": (0, 100, True, True),
+    "input_blur": (0, 10, True, True), "image_size": (16, 1024, True, True), "val_fraction": (0, 1, False, False),
+    "target_sensitivity": (0, 1, False, True), "bootstrap": (0, 100_000, True, True),
+    "early_stopping": (0, 10_000, True, True), "num_workers": (0, 256, True, True), "threads": (1, 1024, True, True),
+    "num_nodes": (1, 100_000, True, True),
+}
+_FLAG_NAMES = {"ema_decay": "ema", "num_workers": "workers"}
+
+
+def check_range(flag: str, value, low: float, high: float, closed_low: bool = True, closed_high: bool = True) -> None:
+    """A finite number within [low, high] (or open ends), else a RunError naming the flag; None passes."""
+    if value is None:
+        return
+    above = value >= low if closed_low else value > low
+    below = value <= high if closed_high else value < high
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not (above and below):
+        bounds = f"{'[' if closed_low else '('}{low:g}, {high:g}{']' if closed_high else ')'}"
+        raise RunError(f"{flag} must be a number in {bounds}, not {value}")
 
 
 def build_spec(config: TrainConfig, num_classes: int) -> ModelSpec:
@@ -175,13 +198,14 @@ def build_spec(config: TrainConfig, num_classes: int) -> ModelSpec:
 
 def resumed_config(config: TrainConfig) -> TrainConfig:
     """On --resume the run's own config wins; only the epoch budget and runtime knobs may change."""
-    saved = TrainConfig.from_dict(read_json(Path(config.out) / CONFIG)["config"])
+    saved = TrainConfig.from_dict(read_run_json(Path(config.out) / CONFIG, require="config")["config"])
     if config.model != saved.model and config.model != TrainConfig.model:
         raise RunError(f"{display_name(config.out)} was trained with model '{saved.model}', not '{config.model}'")
     if config.epochs is not None:  # not given: finish the epochs the run was started with, not the recipe's
         saved.epochs = config.epochs
     for name in ("num_workers", "threads", "accelerator", "devices", "num_nodes", "strategy", "progress"):
         setattr(saved, name, getattr(config, name))
+    saved.out = config.out  # a copied or moved run resumes where it is now, not where it was made
     saved.resume = True
     return saved
 

@@ -141,6 +141,8 @@ def decode_image(source: str | os.PathLike | bytes, max_pixels: int = DEFAULT_MA
                  name: str | None = None) -> DecodedImage:
     """Decode any supported image to RGB uint8, or raise ImageDecodeError naming the file and the problem."""
     label = name or (display_name(source) if not isinstance(source, bytes) else "<upload>")
+    if not isinstance(source, bytes) and os.path.isdir(source):
+        raise ImageDecodeError(f"{label}: is a folder, not an image file")
     if not isinstance(source, bytes) and os.path.getsize(source) == 0:
         raise ImageDecodeError(f"{label}: empty file (0 bytes)")
     if isinstance(source, bytes) and not source:

@@ -100,9 +100,20 @@ def write_explanations(explanations: Sequence[Explanation], out_dir: str | os.Pa
 
     out = Path(out_dir)
     written = []
+    taken: set[str] = set()
     for explanation in explanations:
         if explanation.error:
             continue
-        stem = Path(display_name(explanation.image)).stem
-        written.append(save_figure(panel_figure(explanation), out / f"{stem}_gradcam.png"))
+        written.append(save_figure(panel_figure(explanation), out / _panel_name(explanation.image, taken)))
     return written
+
+
+def _panel_name(image: str, taken: set[str]) -> str:
+    """``STEM_gradcam.png``, numbered when two inputs share a stem (a/ISIC_1.jpg and b/ISIC_1.png), so no panel
+    overwrites another."""
+    stem = Path(display_name(image)).stem
+    name, number = f"{stem}_gradcam.png", 2
+    while name in taken:
+        name, number = f"{stem}_{number}_gradcam.png", number + 1
+    taken.add(name)
+    return name

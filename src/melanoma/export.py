@@ -2,7 +2,8 @@
 
 The graph takes float32 pixels in [0, 255] (N x 3 x H x W, any batch size), normalises them itself and returns
 softmax probabilities. Class names, input size, preprocessing and the run it came from are stored in the model's
-metadata, so a served model can be checked against its run. The export verifies itself: probabilities from
+metadata with the SHA-256 of the checkpoint it was exported from, so predict and serve refuse an ONNX file that
+belongs to another run (or to an older checkpoint of this one). The export verifies itself: probabilities from
 onnxruntime must match PyTorch within 1e-4 at batch sizes 1 and 16, or nothing is written.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from melanoma.data import display_name
 from melanoma.io import atomic_write_bytes
-from melanoma.run import ONNX_FILE, Run
+from melanoma.run import BEST, CHECKPOINT_DIR, ONNX_FILE, Run, file_sha256
 
 OPSET = 17          # widely supported by onnxruntime releases; all ops used here exist in it
 TOLERANCE = 1e-4
@@ -60,6 +61,7 @@ def _with_metadata(onnx_bytes: bytes, run) -> bytes:
                 "input": "float32 pixels in [0, 255], N x 3 x H x W, RGB; normalisation is inside the graph",
                 "output": "softmax probabilities, one column per class in 'classes' order",
                 "model": run.config["model"]["name"], "run": str(Path(run.path).resolve().name),
+                "checkpoint_sha256": file_sha256(Path(run.path) / CHECKPOINT_DIR / BEST),
                 "producer": "melanoma"}
     for key, value in metadata.items():
         entry = proto.metadata_props.add()

@@ -10,7 +10,7 @@ import csv
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -42,12 +42,12 @@ class Prediction:
 
 
 def predict_files(run: Run, sources: Sequence[tuple[str, str | os.PathLike | bytes]], batch_size: int = 32,
-                  progress: Callable[[Iterable, int], Iterable] | None = None,
+                  progress: Callable[[int], object] | None = None,
                   max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Prediction]:
-    """Predict (name, path-or-bytes) pairs; an unreadable image gives a row with its error, the rest go on."""
+    """Predict (name, path-or-bytes) pairs; an unreadable image gives a row with its error, the rest go on.
+    ``progress`` is called with the number of images each batch finished."""
     results: list[Prediction] = []
-    chunks = range(0, len(sources), batch_size)
-    for start in (progress(chunks, len(chunks)) if progress else chunks):
+    for start in range(0, len(sources), batch_size):
         names, pixels, rows = [], [], []
         for name, source in sources[start:start + batch_size]:
             row = Prediction(image=name, melanoma_threshold=run.threshold)
@@ -64,15 +64,17 @@ def predict_files(run: Run, sources: Sequence[tuple[str, str | os.PathLike | byt
             for row, values in zip(names, probs):
                 row.probabilities = {c: float(p) for c, p in zip(run.classes, values)}
         results.extend(rows)
+        if progress:
+            progress(len(rows))
     return results
 
 
 def predict_sharded(run_path: str | os.PathLike, sources: Sequence[tuple[str, str | os.PathLike | bytes]],
                     devices: int, accelerator: str = "cpu", threshold: float | None = None, batch_size: int = 32,
-                    progress: Callable[[Iterable, int], Iterable] | None = None) -> list[Prediction]:
+                    progress: Callable[[int], object] | None = None) -> list[Prediction]:
     """Predict a large input list on ``devices`` processes (one per GPU, or each with a share of the CPU cores):
     the inputs are cut into contiguous shards, each process predicts one, and the results come back merged in
-    input order. ``progress`` (iterable, total) sees shards as they finish."""
+    input order. ``progress`` is called with the number of images of each shard as it finishes."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -88,9 +90,10 @@ def predict_sharded(run_path: str | os.PathLike, sources: Sequence[tuple[str, st
     with ProcessPoolExecutor(len(targets), mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(_predict_shard, str(run_path), [sources[i] for i in shard], device, threads, threshold,
                                batch_size) for shard, device in zip(shards, targets)]
-        finished = as_completed(futures)
-        for _ in (progress(finished, len(futures)) if progress else finished):
-            pass
+        sizes = {future: len(shard) for future, shard in zip(futures, shards)}
+        for future in as_completed(futures):
+            if progress:
+                progress(sizes[future])
         return [prediction for future in futures for prediction in future.result()]
 
 

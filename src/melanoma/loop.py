@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -205,6 +206,8 @@ def _callbacks(config: TrainConfig, run_dir: Path, spec: ModelSpec, classes: lis
             history.append(row)
             if trainer.is_global_zero:
                 write_csv(run_dir / HISTORY, history, HISTORY_COLUMNS)
+                if config.progress and not interactive():  # a log file: one line per epoch, not bar redraws
+                    print(epoch_line(row, trainer.max_epochs), file=sys.stderr, flush=True)
             save_last(trainer, run_dir)
 
         def state_dict(self):
@@ -223,9 +226,22 @@ def _callbacks(config: TrainConfig, run_dir: Path, spec: ModelSpec, classes: lis
         callbacks.append(pl.callbacks.EarlyStopping(monitor="val_loss", patience=config.early_stopping))
     if config.ema_decay:
         callbacks.append(_ema_callback(config, train_batches))
-    if config.progress:
+    if config.progress and interactive():
         callbacks.append(_progress_bar())
     return callbacks
+
+
+def interactive() -> bool:
+    """Whether progress goes to a terminal (a redrawn bar) or to a log file (one line per epoch)."""
+    return sys.stderr.isatty()
+
+
+def epoch_line(row: dict, epochs: int) -> str:
+    def number(name: str) -> str:
+        return "n/a" if row.get(name) is None else f"{row[name]:.3f}"
+
+    return (f"epoch {row['epoch']}/{epochs}: train loss {number('train_loss')} acc {number('train_acc')}, "
+            f"val loss {number('val_loss')} acc {number('val_acc')}, {row['seconds']:.0f} s")
 
 
 def _progress_bar():
@@ -318,7 +334,7 @@ def build_trainer(config: TrainConfig, model, data: PreparedData, run_dir: Path,
         max_epochs=config.epochs, accelerator=config.accelerator, devices=config.devices,
         num_nodes=config.num_nodes, strategy=config.strategy, precision=config.precision,
         deterministic=True, logger=False, enable_checkpointing=False, enable_model_summary=False,
-        enable_progress_bar=config.progress, num_sanity_val_steps=0, default_root_dir=str(run_dir),
+        enable_progress_bar=config.progress and interactive(), num_sanity_val_steps=0, default_root_dir=str(run_dir),
         use_distributed_sampler=False,  # ShardedBatchSampler: Lightning's sampler would repeat samples to pad
         callbacks=_callbacks(config, run_dir, spec, data.classes, history, generators, train_batches))
     return trainer, module, (train_loader, val_loader)

@@ -84,6 +84,7 @@ def prepare_data(config: TrainConfig, run_dir: Path | None = None, log=print) ->
         raise RunError(f"unknown protocol '{config.protocol}' (leak-free or leaky)")
     test = select_heldout(index, config.test_split, manifest) if config.test_split else None
     test_part = _decode_heldout(test, classes, size)
+    _warn_untrained_classes(classes, labels, test_part["test_labels"], log)
     prepared = PreparedData(classes=classes, **split, **test_part, pool_names=names,
                             summary=_data_summary(index, pool, manifest, classes, split, test_part, config))
     _log_data_summary(prepared.summary, log)
@@ -94,6 +95,13 @@ def train_image_names(data: PreparedData) -> list[str]:
     """The file each training image is (or, for an expanded copy, was made from), in training order."""
     names = [row["path"] for row in data.split_rows if row["role"] == "train"]
     return names + [data.pool_names[source] for source in data.train_sources[len(names):]]
+
+
+def _warn_untrained_classes(classes: list[str], train_pool: np.ndarray, held_out: np.ndarray, log) -> None:
+    """A class with held-out images but none left to train on cannot be learnt: say so before training."""
+    for label in sorted(set(held_out.tolist()) - set(train_pool.tolist())):
+        log(f"warning: class '{classes[label]}' has {int((held_out == label).sum())} Test image(s) but no training "
+            "images (after the audit's clean-up): the model cannot learn it, and its Test recall will be 0")
 
 
 def _check_labels_known(pool: Selection, classes: list[str]) -> None:

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from melanoma.data import display_name
 from melanoma.io import atomic_write_text, read_json
+from melanoma.run import CONFIG, METRICS, RunError, read_run_json
 
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
@@ -56,9 +58,12 @@ def wilson_interval(hits: int, total: int, z: float = 1.96) -> tuple[float, floa
 def write_run_report(run_dir: str | Path, gallery_size: int = 12) -> Path:
     """Build RUN/report.html from the files a run already holds (plus the evaluation figures it makes if missing)."""
     run_dir = Path(run_dir)
-    config = read_json(run_dir / "config.json")
-    metrics = read_json(run_dir / "metrics.json")
-    data = read_json(run_dir / "data.json")
+    config = read_run_json(run_dir / CONFIG, require="config")
+    if not (run_dir / METRICS).is_file():
+        raise RunError(f"{display_name(run_dir)}: training has not finished (no {METRICS}); finish it with "
+                       f"`melanoma train --out {display_name(run_dir)} --resume`")
+    metrics = read_run_json(run_dir / METRICS, require="validation")
+    data = read_run_json(run_dir / "data.json")
     figures = _figures(run_dir, config, metrics)
     sections = [
         f"<h1>melanoma run: {html.escape(run_dir.name)}</h1>",
@@ -322,10 +327,10 @@ def compare_runs(runs: list[str], subset: str = "clean") -> tuple[list[dict], st
     rows = []
     for run in runs:
         run_dir = Path(run)
-        if not (run_dir / "metrics.json").is_file():
-            raise FileNotFoundError(f"{run}: no metrics.json (not a finished run folder)")
-        metrics = read_json(run_dir / "metrics.json")
-        config = read_json(run_dir / "config.json")
+        if not (run_dir / METRICS).is_file():
+            raise RunError(f"{run}: no {METRICS} (not a finished run folder)")
+        metrics = read_run_json(run_dir / METRICS)
+        config = read_run_json(run_dir / CONFIG, require="config")
         test = metrics.get("test", {}).get(subset)
         row = {"run": run_dir.name, "model": config["model"]["name"], "n": test["n"] if test else 0}
         for name in COMPARE_METRICS:

@@ -13,10 +13,14 @@ A run folder holds everything needed to trace a number back to the command that 
 from __future__ import annotations
 
 import csv
+import fcntl
+import hashlib
 import io
+import math
 import os
 import shutil
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +46,15 @@ class RunError(RuntimeError):
     """A run that cannot start, continue or be loaded as asked; nothing already written has been touched."""
 
 
+class RunInterrupted(Exception):
+    """Training stopped by the user (Ctrl-C); the run folder keeps its last finished epoch."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(f"training interrupted; {display_name(run_dir)} keeps its last finished epoch. Continue "
+                         f"with: melanoma train --out {display_name(run_dir)} --resume")
+        self.run_dir = run_dir
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Creating a run folder
 
@@ -61,6 +74,34 @@ def prepare_run_dir(out: str | os.PathLike, resume: bool, overwrite: bool) -> Pa
     return run_dir
 
 
+@contextmanager
+def run_folder_lock(run_dir: Path):
+    """Only one process writes a run folder at a time: an exclusive lock on ``.NAME.lock`` beside it, held until the
+    run ends (the operating system releases it if the process dies). A second writer stops at once."""
+    lock_path = run_dir.with_name(f".{run_dir.name}.lock")
+    try:
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock_path, "a+")
+    except OSError as exc:
+        raise RunError(f"cannot write the run folder {display_name(run_dir)}: {exc.strerror or exc}") from exc
+    with handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise RunError(f"{display_name(run_dir)} is being written by {holder}; wait for it to finish or choose "
+                           "another --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"melanoma train (pid {os.getpid()})")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
 def staging_dir(run_dir: Path) -> Path:
     """A new run is assembled beside its final place, so a failed start never touches an existing folder."""
     staging = run_dir.with_name(f".{run_dir.name}.starting")
@@ -76,6 +117,21 @@ def promote_staging(staging: Path, run_dir: Path, overwrite: bool) -> Path:
         shutil.rmtree(run_dir)
     os.replace(staging, run_dir)
     return run_dir
+
+
+def read_run_json(path: Path, require: str | None = None) -> dict:
+    """A run's JSON file (config.json, metrics.json, data.json), or a one-line RunError saying what is wrong;
+    ``require`` names a section that must be there."""
+    if not path.is_file():
+        raise RunError(f"{display_name(path)}: not found; is {display_name(path.parent)} a finished run folder?")
+    try:
+        payload = read_json(path)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RunError(f"{display_name(path)}: not valid JSON ({exc}); the run folder is damaged") from exc
+    if not isinstance(payload, dict) or (require is not None and not isinstance(payload.get(require), dict)):
+        raise RunError(f"{display_name(path)}: not a melanoma {path.name}"
+                       + (f" (no '{require}' section)" if require else ""))
+    return payload
 
 
 def read_history(run_dir: Path) -> list[dict]:
@@ -179,12 +235,13 @@ class Run:
                            "did training finish an epoch?")
         payload = load_checkpoint(checkpoint)
         model, spec = model_from_checkpoint(payload)
-        config = read_json(path / CONFIG)
-        metrics = read_json(path / METRICS) if (path / METRICS).is_file() else {}
-        alert = metrics.get("alert") or {}
+        config = read_run_json(path / CONFIG, require="config")
+        metrics = read_run_json(path / METRICS) if (path / METRICS).is_file() else {}
+        calibration = _checked_calibration(metrics.get("calibration"), path / METRICS)
+        saved_threshold = _checked_threshold((metrics.get("alert") or {}).get("threshold"), path / METRICS)
         run = cls(path=path, model=model.to(device), image_size=spec.image_size, classes=list(payload["classes"]),
-                  tta=bool(config["config"].get("tta")), config=config, calibration=metrics.get("calibration"),
-                  threshold=threshold if threshold is not None else alert.get("threshold"), device=device)
+                  tta=bool(config["config"].get("tta")), config=config, calibration=calibration,
+                  threshold=threshold if threshold is not None else saved_threshold, device=device)
         if run.calibration is None:
             warnings.warn(f"{display_name(path)} has no calibration ({METRICS} without a temperature); "
                           "predicting with uncalibrated probabilities", stacklevel=2)
@@ -192,7 +249,8 @@ class Run:
         if backend == "onnx" or (backend == "auto" and onnx_path.is_file() and device == "cpu"):
             if not onnx_path.is_file():
                 raise RunError(f"{display_name(path)}: no {ONNX_FILE}; run `melanoma export {display_name(path)}`")
-            run.session = load_onnx_session(onnx_path, run.classes, run.image_size, threads)
+            run.session = load_onnx_session(onnx_path, run.classes, run.image_size, threads,
+                                            checkpoint_sha256=file_sha256(checkpoint))
             run.backend = "onnx"
         return run
 
@@ -216,8 +274,40 @@ class Run:
         return apply_temperature(raw, self.temperature) if self.temperature != 1.0 else raw
 
 
-def load_onnx_session(path: Path, classes: list[str], image_size: int, threads: int | None = None):
-    """An onnxruntime session for a run's model.onnx, refused if its metadata does not match the run.
+def _checked_calibration(calibration, source: Path) -> dict | None:
+    """The calibration read back from metrics.json: its temperature must be a positive finite number."""
+    if calibration is None:
+        return None
+    temperature = calibration.get("temperature") if isinstance(calibration, dict) else None
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
+            or not 0 < temperature <= 1000:
+        raise RunError(f"{display_name(source)}: calibration temperature {temperature!r} is not a positive number; "
+                       "the file is damaged (re-run `melanoma train` or restore it)")
+    return calibration
+
+
+def _checked_threshold(threshold, source: Path) -> float | None:
+    """The alert threshold read back from metrics.json: a probability, or absent."""
+    if threshold is None:
+        return None
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+        raise RunError(f"{display_name(source)}: alert threshold {threshold!r} is not a probability in [0, 1]; "
+                       "the file is damaged")
+    return float(threshold)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_onnx_session(path: Path, classes: list[str], image_size: int, threads: int | None = None,
+                      checkpoint_sha256: str | None = None):
+    """An onnxruntime session for a run's model.onnx, refused if its metadata does not match the run: its classes,
+    its input size, and (with ``checkpoint_sha256``) the best.pt it was exported from.
 
     ``threads``: intra-op threads per inference (serving runs one inference per core, each on one thread, instead of
     letting concurrent inferences fight over every core)."""
@@ -239,4 +329,7 @@ def load_onnx_session(path: Path, classes: list[str], image_size: int, threads: 
         raise RunError(f"{display_name(path)} does not match its run (ONNX: classes {onnx_classes}, size "
                        f"{metadata.get('image_size')}; run: classes {classes}, size {image_size}). "
                        "Re-export with `melanoma export RUN`")
+    if checkpoint_sha256 is not None and metadata.get("checkpoint_sha256") != checkpoint_sha256:
+        raise RunError(f"{display_name(path)} was not exported from this run's {CHECKPOINT_DIR}/{BEST} (checkpoint "
+                       "SHA-256 differs or is missing). Re-export with `melanoma export RUN`")
     return session

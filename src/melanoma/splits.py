@@ -86,7 +86,10 @@ def grouped_stratified_split(labels: Sequence[int], groups: Sequence[str], val_f
     check_splittable(labels, groups, val_fraction, class_names)
     folds = max(2, round(1 / val_fraction))
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    train_idx, val_idx = next(splitter.split(np.zeros(len(labels)), labels, np.asarray(groups)))
+    try:
+        train_idx, val_idx = next(splitter.split(np.zeros(len(labels)), labels, np.asarray(groups)))
+    except ValueError as exc:  # e.g. every class smaller than the number of folds
+        raise DataError(f"cannot split {len(labels)} images into a {val_fraction:g} validation share: {exc}") from exc
     return np.sort(train_idx), np.sort(val_idx)
 
 

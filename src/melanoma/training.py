@@ -9,7 +9,9 @@ alert threshold, Test metrics, report) in :mod:`melanoma.scoring`.
 """
 from __future__ import annotations
 
+import shutil
 import sys
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,8 +26,8 @@ from melanoma.io import write_csv, write_json
 from melanoma.loop import build_trainer, seed_everything
 from melanoma.models import Classifier, ModelSpec, build_model
 from melanoma.prepare import PreparedData, prepare_data
-from melanoma.run import (CHECKPOINT_DIR, CONFIG, LAST, check_resumable, prepare_run_dir, promote_staging,
-                          read_history, staging_dir)
+from melanoma.run import (CHECKPOINT_DIR, CONFIG, LAST, RunInterrupted, check_resumable, prepare_run_dir,
+                          promote_staging, read_history, run_folder_lock, staging_dir)
 from melanoma.scoring import finish_run
 
 
@@ -38,9 +40,15 @@ def train(config: TrainConfig, log=print) -> Path:
     validate_config(config)
     # In a distributed run every process runs this function; only the first may create or change the run folder.
     writer = is_launch_rank_zero()
-    if not writer:
-        log = _silent
-    run_dir = prepare_run_dir(config.out, config.resume, config.overwrite) if writer else Path(config.out)
+    run_dir = Path(config.out)
+    with run_folder_lock(run_dir) if writer else nullcontext():
+        if writer:
+            prepare_run_dir(run_dir, config.resume, config.overwrite)
+        _train_into(run_dir, config, writer, log if writer else _silent)
+    return run_dir
+
+
+def _train_into(run_dir: Path, config: TrainConfig, writer: bool, log) -> None:
     last = run_dir / CHECKPOINT_DIR / LAST
     if config.resume:
         check_resumable(last)
@@ -50,20 +58,29 @@ def train(config: TrainConfig, log=print) -> Path:
     pretrained = _pretrained_state(config)  # a bad weights file fails here, before anything is written
     # where this process writes while starting: nowhere (not rank 0), the run (resume), or a staging folder
     staging = None if not writer else run_dir if config.resume else staging_dir(run_dir)
-    data = prepare_data(config, staging, log=log)
-    config = with_epochs(config, len(data.train_labels))
-    spec = build_spec(config, num_classes=len(data.classes))
-    model = _initial_model(spec, config, pretrained, log)
-    if writer and not config.resume:
-        _write_run_header(staging, config, spec, data)
-        promote_staging(staging, run_dir, config.overwrite)
+    try:
+        data = prepare_data(config, staging, log=log)
+        config = with_epochs(config, len(data.train_labels))
+        spec = build_spec(config, num_classes=len(data.classes))
+        model = _initial_model(spec, config, pretrained, log)
+        if writer and not config.resume:
+            _write_run_header(staging, config, spec, data)
+            promote_staging(staging, run_dir, config.overwrite)
+    except BaseException:
+        if staging is not None and not config.resume:
+            shutil.rmtree(staging, ignore_errors=True)  # a failed start leaves nothing behind
+        raise
     history = read_history(run_dir) if config.resume else []
     trainer, module, loaders = build_trainer(config, model, data, run_dir, spec, history)
-    trainer.fit(module, *loaders, ckpt_path=str(last) if config.resume else None,
-                weights_only=True if config.resume else None)
+    try:
+        trainer.fit(module, *loaders, ckpt_path=str(last) if config.resume else None,
+                    weights_only=True if config.resume else None)
+    except SystemExit:  # Lightning turns Ctrl-C into exit 1 after saving nothing more
+        if trainer.interrupted:
+            raise RunInterrupted(run_dir) from None
+        raise
     if trainer.is_global_zero:
         finish_run(run_dir, data, config, history, log)
-    return run_dir
 
 
 def _silent(*_args, **_kwargs) -> None:
