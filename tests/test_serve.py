@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 
 from conftest import CLASSES, jpeg_bytes, lesion_image, train_tiny_run, uvicorn_server
-from melanoma.inference import Run
-from melanoma.serve import ServeConfig, create_app
+from melanoma.run import Run
+from melanoma.serve import create_app
+from melanoma.serve_limits import ServeConfig
 
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -25,7 +26,7 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(run):
-    return TestClient(create_app(run, ServeConfig(max_upload_bytes=200_000)))
+    return TestClient(create_app(run, ServeConfig(max_upload_bytes=200_000)), base_url="http://localhost")
 
 
 def _files(*payloads: bytes):
@@ -34,10 +35,21 @@ def _files(*payloads: bytes):
 
 def test_health_and_model_card(client, run):
     assert client.get("/health").json() == {"status": "ok"}
+    assert client.head("/health").status_code == 200
     card = client.get("/v1/model").json()
     assert card["classes"] == list(CLASSES) and card["alert_threshold"] == run.threshold
     assert "not a medical device" in card["model_card"]
+    assert card["tta"] is False and card["serving"]["tta"] is False  # serving default: no TTA (SERVE_TTA)
+    assert card["serving"]["max_batch"] == 32 and card["serving"]["max_upload_bytes"] == 200_000
     assert "/v1/predict" in client.get("/openapi.json").json()["paths"]
+
+
+def test_tta_setting_is_the_servers_own_and_reported(run):
+    served = TestClient(create_app(run, ServeConfig(tta=True)), base_url="http://localhost")
+    assert served.get("/v1/model").json()["tta"] is True
+    as_evaluated = TestClient(create_app(run, ServeConfig(tta=None)), base_url="http://localhost")
+    assert as_evaluated.get("/v1/model").json()["tta"] is run.tta
+    assert run.tta is Run.load(run.path).tta  # the loaded run itself is not changed
 
 
 def test_predict_one_and_several_images(client, run):
@@ -85,8 +97,12 @@ def test_client_file_names_never_reach_the_filesystem(client, tmp_path):
 
 
 def test_bearer_token(run):
-    guarded = TestClient(create_app(run, ServeConfig(token="s3cret")))
+    guarded = TestClient(create_app(run, ServeConfig(token="s3cret")), base_url="http://localhost")
     assert guarded.get("/health").status_code == 200
+    assert guarded.get("/").status_code == 200  # the page; its script sends the token from the URL fragment
+    for path in ("/docs", "/openapi.json"):
+        assert guarded.get(path).status_code == 401
+        assert guarded.get(path, headers={"Authorization": "Bearer s3cret"}).status_code == 200
     assert guarded.get("/v1/model").status_code == 401
     assert guarded.get("/v1/model", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert guarded.get("/v1/model", headers={"Authorization": "Bearer s3cret"}).status_code == 200
@@ -94,10 +110,14 @@ def test_bearer_token(run):
     assert guarded.post("/v1/predict", files=files).status_code == 401
 
 
-def test_page_is_served_without_external_resources(client):
+def test_page_and_docs_are_served_without_external_resources(client):
     page = client.get("/")
     assert page.status_code == 200 and "not a medical device" in page.text
     assert "http://" not in page.text and "https://" not in page.text  # no CDN: these machines have no internet
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "POST /v1/predict" in docs.text and "/openapi.json" in docs.text
+    assert "http://" not in docs.text and "https://" not in docs.text and "<script" not in docs.text
+    assert client.get("/redoc").status_code == 404
 
 
 class _SlowRun:
@@ -119,7 +139,7 @@ def test_busy_server_answers_503_with_retry_after(run):
 
     async def scenario():
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
             first = asyncio.create_task(http.post("/v1/predict", files=_files(jpeg_bytes(lesion_image(6)))))
             await asyncio.sleep(0.2)
             second = await http.post("/v1/predict", files=_files(jpeg_bytes(lesion_image(7))))

@@ -256,19 +256,42 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(command="export")
 
     serve = verbs.add_parser(
-        "serve", help="serve a run over HTTP: REST API (/docs) and a web page (/) for the clinic",
+        "serve", help="serve a run over HTTP: REST API and a web page (/) for the clinic",
         description="FastAPI + uvicorn. GET /health, GET /v1/model, POST /v1/predict (multipart 'files', "
-                    "?explain=true for a Grad-CAM overlay), and a drag-and-drop page at /. Uses onnxruntime when "
-                    "the run has model.onnx. Research tool, not a medical device.")
+                    "?explain=true for a Grad-CAM overlay), a drag-and-drop page at /, an offline API reference at "
+                    "/docs and the schema at /openapi.json. Concurrent requests are batched (one model call per "
+                    "worker's share). "
+                    "Uses onnxruntime when the run has model.onnx. Research tool, not a medical device.")
     serve.add_argument("run", help="a run folder written by `melanoma train`")
     serve.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (this machine only)")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--token", help="require 'Authorization: Bearer TOKEN' (or set MELANOMA_TOKEN)")
-    serve.add_argument("--max-upload-mb", type=float, default=10.0, help="per-image upload limit (default: 10)")
-    serve.add_argument("--concurrency", type=int, default=2, help="inferences at once (default: 2)")
-    serve.add_argument("--queue", type=int, default=32, help="requests that may wait before 503 (default: 32)")
+    serve.add_argument("--port", type=_bounded_int(1, 65535), default=8000, help="1-65535 (default: 8000)")
+    serve.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on every path but / and /health (or "
+                                       "set MELANOMA_TOKEN); an empty token is an error")
+    serve.add_argument("--allowed-hosts", nargs="+", action="extend", default=[], metavar="NAME",
+                       help="more Host header names to accept besides localhost, 127.0.0.1, ::1 and --host "
+                            "(repeatable; '*.example.org' patterns; '*' accepts any, which re-opens DNS rebinding)")
+    serve.add_argument("--max-upload-mb", type=_finite_float, default=10.0,
+                       help="per-image upload limit; a request may carry 16 such images (default: 10)")
+    serve.add_argument("--max-request-megapixels", type=_finite_float, default=100.0,
+                       help="pixels of all images of one request together, read from their headers before decoding "
+                            "(default: 100, four 6000x4000 originals)")
+    serve.add_argument("--concurrency", type=_bounded_int(1, 256), default=2,
+                       help="inference workers, each running one model call at a time on its share of the cores "
+                            "(default: 2)")
+    serve.add_argument("--queue", type=_bounded_int(0, 100_000), default=32,
+                       help="requests that may be in flight beyond --concurrency before 503 (default: 32)")
+    serve.add_argument("--max-batch", type=_bounded_int(1, 4096), default=32,
+                       help="images per model call (default: 32)")
+    serve.add_argument("--batch-wait-ms", type=_finite_float, default=5.0,
+                       help="how long a free worker's first request waits for concurrent ones to join its batch, "
+                            "0 to 1000 (default: 5)")
+    serve.add_argument("--body-timeout", type=_finite_float, default=30.0, metavar="SECONDS",
+                       help="the whole request body must arrive within this, else 408 (default: 30)")
+    serve.add_argument("--keep-alive", type=_bounded_int(1, 3600), default=5, metavar="SECONDS",
+                       help="close idle keep-alive connections after this (default: 5)")
     serve.add_argument("--tta", action=argparse.BooleanOptionalAction,
-                       help="8-view test-time augmentation (default: as the run was evaluated; --no-tta is ~8x faster)")
+                       help="8-view test-time augmentation, 8x the compute per image (default: off for serving, "
+                            "melanoma.serve.SERVE_TTA; /v1/model reports it)")
     serve.set_defaults(command="serve")
 
     experiment = verbs.add_parser("experiment", help="reproducible studies (seed-study)",

@@ -248,11 +248,27 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from melanoma.serve import ServeConfig, serve
+    from melanoma.serve import serve
+    from melanoma.serve_limits import DEFAULT_ALLOWED_HOSTS, ServeConfig, ServeError
 
-    config = ServeConfig(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_concurrent=args.concurrency,
-                         queue_size=args.queue, token=args.token)
-    serve(args.run, host=args.host, port=args.port, config=config, tta=args.tta)
+    # arguments.py parses each flag; the ranges that need several flags, the token (also from MELANOMA_TOKEN) and the
+    # host names are checked by ServeConfig, still before the run is loaded: one line and exit code 2
+    try:
+        for flag, value in (("--max-upload-mb", args.max_upload_mb),
+                            ("--max-request-megapixels", args.max_request_megapixels)):
+            if not value > 0:
+                raise ServeError(f"{flag} must be above 0, not {value:g}")
+        settings = dict(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+                        max_request_pixels=int(args.max_request_megapixels * 1_000_000),
+                        max_concurrent=args.concurrency, queue_size=args.queue, token=args.token,
+                        max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, body_timeout_s=args.body_timeout,
+                        keep_alive_s=args.keep_alive, allowed_hosts=(*DEFAULT_ALLOWED_HOSTS, *args.allowed_hosts))
+        if args.tta is not None:  # else the serving default, melanoma.serve.SERVE_TTA
+            settings["tta"] = args.tta
+        serve(args.run, host=args.host, port=args.port, config=ServeConfig(**settings))
+    except ServeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,72 +1,128 @@
 """``melanoma serve RUN``: a REST API and a web page for the clinic (FastAPI + uvicorn).
 
-Safety: uploads are capped (default 10 MB -> 413), non-images get 415, decompression bombs 422, at most
-``max_concurrent`` inferences run at once with ``queue_size`` more waiting (then 503 + Retry-After), an optional
-bearer token is compared in constant time (401 without it), client file names never touch the filesystem, and logs
-carry sizes and outcomes, never image content. A research tool, not a medical device.
+Endpoints: ``GET|HEAD /health``, ``GET /v1/model`` (classes, threshold, validation metrics, model card, serving
+settings), ``POST /v1/predict`` (multipart ``files``; ``?explain=true`` adds a Grad-CAM overlay), the page at ``/``,
+an offline API reference at ``/docs`` and the schema at ``/openapi.json``. Swagger UI is not served: it loads from a
+CDN, and the page and the API work offline.
+
+Serving limits (defaults; ``melanoma serve --help`` names the flag for each):
+
+- **Hosts**: the ``Host`` header must name localhost, 127.0.0.1, ::1 or the ``--host`` given
+  (``--allowed-hosts`` adds names), else 400, so a DNS-rebinding web page cannot reach the API. The server binds
+  to 127.0.0.1 unless told otherwise.
+- **Token**: with ``--token`` (or ``MELANOMA_TOKEN``) every path except ``/`` and ``/health`` needs
+  ``Authorization: Bearer TOKEN``, compared in constant time from the headers alone (401 before any of the body is
+  read). An empty or whitespace token is refused at start.
+- **Body size**: at most 16 images of 10 MB each (``--max-upload-mb``). A declared Content-Length over
+  16 x 10 MB + 64 KB gets 413 before the body is read; a chunked body is counted as it arrives and cut off with
+  413 at the same cap; one file over 10 MB gets 413.
+- **Body time**: the whole body must arrive within 30 s of the request's headers (``--body-timeout``), else 408
+  and the connection is closed; idle keep-alive connections close after 5 s (``--keep-alive``). uvicorn has no
+  timeout for the headers themselves: put a reverse proxy in front before exposing the server beyond loopback.
+- **Formats**: JPEG, PNG, TIFF, BMP and WebP, identified from the bytes (never the file name or content type) with
+  only those Pillow plugins before anything is decoded; anything else (EPS, PDF, GIF, text) gets 415, so no other
+  decoder (Ghostscript for EPS) ever runs.
+- **Pixels**: one image over 50 MP is refused as a decompression bomb (422); the images of one request may hold
+  100 MP together (``--max-request-megapixels``), read from their headers before decoding (413). That is four
+  full-size dermoscopy originals (6000 x 4000 = 24 MP) or sixteen 2500 x 2500 images per request. Images are
+  decoded one at a time and shrunk to the model's input at once (Grad-CAM overlays to at most 512 px), at most
+  ``--concurrency`` decodes at a time, so memory does not grow with the number of images.
+- **Load**: concurrent requests are batched: when an inference worker is free, the images waiting (after up to
+  5 ms for more to arrive, ``--batch-wait-ms``) are dealt out in fair shares of at most 32 images
+  (``--max-batch``) to the free ones of ``--concurrency`` (2) workers, one model call per share, each worker on
+  its share of the cores. At most concurrency + queue (2 + 32) requests are in flight; beyond that 503 with
+  Retry-After.
+- **Test-time augmentation**: off when serving (``SERVE_TTA``; ``--tta`` turns it on, 8x the compute per image);
+  ``/v1/model`` reports the setting under ``tta``.
+
+Client file names never touch the filesystem or the logs; logs carry sizes, counts and timings, never image
+content. A research tool, not a medical device.
 """
 import asyncio
 import base64
+import contextlib
+import copy
 import hmac
+import html
 import io
 import logging
 import os
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from importlib.resources import files
 
-from melanoma.data import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, resize_pixels
+from melanoma.batching import Batcher, Gate
+from melanoma.serve_limits import (RequestGuard, ServeConfig, check_port, decode_payloads, host_patterns, read_capped,
+                                   resolve_token)
 
 LOG = logging.getLogger("melanoma.serve")
-TOKEN_ENV = "MELANOMA_TOKEN"
 DISCLAIMER = ("Research tool, not a medical device. It does not diagnose; every lesion of concern needs a "
               "dermatologist's examination.")
+# Serving default for 8-view test-time augmentation (8x the compute per image); to be decided from its validation
+# gain against its cost. `melanoma serve --tta / --no-tta` overrides it.
+class _GradCam:
+    """Grad-CAM on a private copy of the model, one explanation at a time. Captum hooks the model's last
+    convolution; on a shared model, concurrent explanations (or predictions) would see each other's activations."""
 
+    def __init__(self, run):
+        self.run = run
+        self.lock = threading.Lock()
+        self.model = None
 
-@dataclass
-class ServeConfig:
-    max_upload_bytes: int = 10 * 1024 * 1024
-    max_files: int = 16
-    max_concurrent: int = 2          # inferences at once: one per core on our 2-core machines
-    queue_size: int = 32             # requests allowed to wait for a slot before 503
-    retry_after_s: int = 2
-    token: str | None = None
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    def overlay_png(self, model_pixels, display_pixels, target: int) -> str:
+        import numpy as np
+        from PIL import Image
 
+        from melanoma.explain import grad_cam, overlay
 
-class _Gate:
-    """At most ``slots`` holders at once and ``queue`` more waiting; beyond that, callers are turned away."""
-
-    def __init__(self, slots: int, queue: int):
-        self.semaphore = asyncio.Semaphore(slots)
-        self.capacity = slots + queue
-        self.inside = 0
-
-    def try_enter(self) -> bool:
-        if self.inside >= self.capacity:
-            return False
-        self.inside += 1
-        return True
-
-    def leave(self) -> None:
-        self.inside -= 1
+        with self.lock:
+            if self.model is None:
+                self.model = copy.deepcopy(self.run.model)
+            # the heat of exactly the input that was predicted, then stretched over the displayed picture
+            heat, _ = grad_cam(self.model, model_pixels, self.run.image_size, target=target)
+        height, width = display_pixels.shape[:2]
+        heat = np.asarray(Image.fromarray(heat.astype(np.float32)).resize((width, height), Image.Resampling.BILINEAR))
+        buffer = io.BytesIO()
+        Image.fromarray(overlay(display_pixels, np.clip(heat, 0, 1))).save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def create_app(run, config: ServeConfig | None = None):
-    """The FastAPI app serving one loaded :class:`melanoma.inference.Run`."""
+    """The FastAPI app serving one loaded run (:class:`melanoma.run.Run`), behind the host and request guards."""
     from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
     from fastapi.responses import HTMLResponse, JSONResponse
     from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
     from starlette.concurrency import run_in_threadpool
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     config = config or ServeConfig()
-    token = config.token or os.environ.get(TOKEN_ENV) or None
-    gate = _Gate(config.max_concurrent, config.queue_size)
+    config.check()
+    token = resolve_token(config.token)
+    served = copy.copy(run)  # the run as served: its own TTA setting, the same model and session
+    if config.tta is not None:
+        served.tta = config.tta
+    gate = Gate(config.max_concurrent + config.queue_size)
+    batcher = Batcher(lambda images: served.probabilities(images, batch_size=config.max_batch),
+                       workers=config.max_concurrent, max_batch=config.max_batch, wait_s=config.batch_wait_ms / 1000)
+    gradcam = _GradCam(served)
+    decode_slots = threading.BoundedSemaphore(config.max_concurrent)
+    settings = serving_settings(served, config, token_required=token is not None)
     bearer = HTTPBearer(auto_error=False)
-    app = FastAPI(title="melanoma", version=_version(),
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_):
+        yield
+        batcher.stop()
+
+    app = FastAPI(title="melanoma", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Dermoscopic lesion classification with a melanoma alert. " + DISCLAIMER)
+    app.add_middleware(RequestGuard, token=token, max_body_bytes=config.max_body_bytes,
+                       body_timeout_s=config.body_timeout_s)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=host_patterns(config.allowed_hosts), www_redirect=False)
 
     def authorised(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        # the guard has already checked; this declares the scheme in the OpenAPI schema and checks once more
         if token is None:
             return
         given = credentials.credentials if credentials else ""
@@ -78,34 +134,49 @@ def create_app(run, config: ServeConfig | None = None):
         return JSONResponse({"detail": "server busy: too many requests waiting; retry shortly"}, status_code=503,
                             headers={"Retry-After": str(config.retry_after_s)})
 
+    @app.head("/health", summary="Liveness check (headers only)", operation_id="health_head")
     @app.get("/health", summary="Liveness check")
     async def health() -> dict:
         return {"status": "ok"}
 
-    @app.get("/v1/model", summary="The served model: classes, alert threshold, validation metrics, model card",
-             dependencies=[Depends(authorised)])
+    @app.get("/v1/model", summary="The served model: classes, alert threshold, validation metrics, model card, "
+             "serving settings", dependencies=[Depends(authorised)])
     async def model_info() -> dict:
-        return model_card(run)
+        return model_card(served) | {"serving": settings}
 
     @app.post("/v1/predict", summary="Classify one or more dermoscopic images",
               dependencies=[Depends(authorised)])
-    async def predict(request: Request, files: list[UploadFile] = File(..., description="image files"),
+    async def predict(files: list[UploadFile] = File(..., description="image files: JPEG, PNG, TIFF, BMP or WebP"),
                       explain: bool = Query(False, description="add a Grad-CAM overlay (PNG, base64)")) -> dict:
-        _check_declared_size(request, config)
         if len(files) > config.max_files:
             raise HTTPException(413, f"at most {config.max_files} images per request")
-        payloads = [await _read_capped(upload, config.max_upload_bytes) for upload in files]
+        payloads = [await read_capped(upload, config.max_upload_bytes) for upload in files]
         if not gate.try_enter():
             raise _Busy()
         try:
-            async with gate.semaphore:
-                started = time.perf_counter()
-                results = await run_in_threadpool(_predict_payloads, run, payloads, explain, config)
+            started = time.perf_counter()
+            images = await run_in_threadpool(decode_payloads, payloads, served.image_size, config, decode_slots,
+                                              explain)
+            try:
+                probabilities = await asyncio.wrap_future(batcher.submit(images.model_pixels))
+            except Exception:
+                LOG.exception("inference failed for %d image(s)", len(payloads))
+                raise HTTPException(500, "inference failed; the server log has the details") from None
+            results = [_result(served, row) for row in probabilities]
+            if explain:
+                for position, result in enumerate(results):
+                    result["gradcam_png_base64"] = await run_in_threadpool(
+                        gradcam.overlay_png, images.model_pixels[position], images.display_pixels[position],
+                        int(probabilities[position].argmax()))
         finally:
             gate.leave()
         LOG.info("predict: %d image(s), %d bytes, %.0f ms", len(payloads), sum(len(p) for p in payloads),
                  (time.perf_counter() - started) * 1000)
-        return {"results": results, "alert_threshold": run.threshold, "disclaimer": DISCLAIMER}
+        return {"results": results, "alert_threshold": served.threshold, "disclaimer": DISCLAIMER}
+
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    async def docs() -> str:
+        return _docs_page(app.openapi())
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> str:
@@ -124,50 +195,6 @@ def _version() -> str:
     return __version__
 
 
-def _check_declared_size(request, config: ServeConfig) -> None:
-    from fastapi import HTTPException
-
-    declared = request.headers.get("content-length")
-    limit = config.max_upload_bytes * config.max_files + 64 * 1024
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise HTTPException(413, f"request too large ({int(declared):,} bytes; limit {limit:,})")
-
-
-async def _read_capped(upload, limit: int) -> bytes:
-    from fastapi import HTTPException
-
-    data = await upload.read(limit + 1)
-    if len(data) > limit:
-        raise HTTPException(413, f"upload larger than the {limit:,}-byte limit")
-    return data
-
-
-def _predict_payloads(run, payloads: list[bytes], explain: bool, config: ServeConfig) -> list[dict]:
-    """Decode every upload (status per image), predict the readable ones in one batch."""
-    from fastapi import HTTPException
-
-    decoded, problems = [], []
-    for position, data in enumerate(payloads):
-        name = f"upload {position + 1}"
-        try:
-            decoded.append(decode_image(data, max_pixels=config.max_pixels, name=name).pixels)
-        except ImageDecodeError as exc:
-            problems.append(str(exc))
-    if problems:
-        bomb = any("decompression bomb" in p for p in problems)
-        raise HTTPException(422 if bomb else 415, "; ".join(problems))
-    import numpy as np
-
-    probabilities = run.probabilities(np.stack([resize_pixels(p, run.image_size) for p in decoded]))
-    results = []
-    for pixels, row in zip(decoded, probabilities):
-        result = _result(run, row)
-        if explain:
-            result["gradcam_png_base64"] = _gradcam_png(run, pixels, int(row.argmax()))
-        results.append(result)
-    return results
-
-
 def _result(run, probabilities) -> dict:
     from melanoma.data import MELANOMA
 
@@ -176,17 +203,6 @@ def _result(run, probabilities) -> dict:
     melanoma = values.get(MELANOMA)
     alert = None if melanoma is None or run.threshold is None else bool(melanoma >= run.threshold)
     return {"probabilities": values, "top_class": top, "melanoma_probability": melanoma, "melanoma_alert": alert}
-
-
-def _gradcam_png(run, pixels, target: int) -> str:
-    from PIL import Image
-
-    from melanoma.explain import grad_cam, overlay
-
-    heat, _ = grad_cam(run.model, pixels, run.image_size, target=target)
-    buffer = io.BytesIO()
-    Image.fromarray(overlay(pixels, heat)).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def model_card(run) -> dict:
@@ -208,18 +224,62 @@ def model_card(run) -> dict:
             "model_card": card}
 
 
-def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, config: ServeConfig | None = None,
-          tta: bool | None = None) -> None:
+def serving_settings(run, config: ServeConfig, token_required: bool) -> dict:
+    """What the server does with a request: batching, TTA and every limit (also for benchmark records)."""
+    return {"tta": run.tta, "inference_workers": config.max_concurrent, "queue": config.queue_size,
+            "max_batch": config.max_batch, "batch_wait_ms": config.batch_wait_ms, "max_files": config.max_files,
+            "max_upload_bytes": config.max_upload_bytes, "max_body_bytes": config.max_body_bytes,
+            "max_image_pixels": config.max_pixels, "max_request_pixels": config.max_request_pixels,
+            "accepted_formats": ["JPEG", "PNG", "TIFF", "BMP", "WebP"], "body_timeout_s": config.body_timeout_s,
+            "keep_alive_s": config.keep_alive_s, "token_required": token_required}
+
+
+def _docs_page(schema: dict) -> str:
+    """A plain, self-contained API reference from the OpenAPI schema (Swagger UI would load from a CDN)."""
+    rows = []
+    for path, operations in schema.get("paths", {}).items():
+        for method, operation in operations.items():
+            parameters = [f"{p['name']} ({p['in']}{', required' if p.get('required') else ''})"
+                          for p in operation.get("parameters", [])]
+            body = list((operation.get("requestBody") or {}).get("content", {}))
+            details = ", ".join(parameters + [f"body: {b}" for b in body]) or "no parameters"
+            rows.append(f"<tr><td><code>{html.escape(method.upper())} {html.escape(path)}</code></td>"
+                        f"<td>{html.escape(operation.get('summary', ''))}</td><td>{html.escape(details)}</td></tr>")
+    title = html.escape(schema.get("info", {}).get("title", "API"))
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{title}: API</title></head><body>"
+            f"<h1>{title} API</h1><p>{html.escape(DISCLAIMER)}</p>"
+            "<p>The machine-readable schema is at <a href='/openapi.json'>/openapi.json</a>. With a token set, send "
+            "<code>Authorization: Bearer TOKEN</code> to every path except / and /health.</p>"
+            f"<table border='1' cellpadding='4'><tr><th>operation</th><th>what</th><th>input</th></tr>{''.join(rows)}"
+            "</table></body></html>")
+
+
+def uvicorn_options(host: str, port: int, config: ServeConfig) -> dict:
+    """uvicorn.run / uvicorn.Config keywords: idle keep-alive connections close, and SIGTERM always ends the server."""
+    return {"host": host, "port": port, "log_level": "info", "access_log": True,
+            "timeout_keep_alive": config.keep_alive_s, "timeout_graceful_shutdown": 10}
+
+
+def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, config: ServeConfig | None = None) -> None:
     import uvicorn
 
-    from melanoma.inference import Run
+    from melanoma.run import Run
 
+    config = replace(config or ServeConfig())
+    config.allowed_hosts = (*config.allowed_hosts, host)  # the address given to bind is a name clients may use
+    config.check()
+    check_port(port)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config = config or ServeConfig()
-    cores = os.cpu_count() or 1
-    # one inference per slot, each on its share of the cores
-    run = Run.load(run_dir, threads=max(1, cores // max(1, config.max_concurrent)))
-    if tta is not None:
-        run.tta = tta
+    # one inference worker per slot, each on its share of the cores
+    threads = max(1, (os.cpu_count() or 1) // config.max_concurrent)
+    run = Run.load(run_dir, threads=threads)
+    import torch
+
+    # the eval transform runs in torch on either backend: more intra-op threads than a worker's share of the cores
+    # only spin against the other workers
+    torch.set_num_threads(threads)
+    if host in ("0.0.0.0", "::"):
+        LOG.warning("listening on every interface; only Host headers naming %s are accepted: add the names "
+                    "clients use with --allowed-hosts", ", ".join(host_patterns(config.allowed_hosts)))
     app = create_app(run, config)
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=True)
+    uvicorn.run(app, **uvicorn_options(host, port, config))
