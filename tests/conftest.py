@@ -97,12 +97,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def uvicorn_server(app):
-    """A real uvicorn server for ``app`` on a free loopback port, in a thread; yields its base URL."""
+def uvicorn_server(app, options: dict | None = None):
+    """A real uvicorn server for ``app`` on a free loopback port, in a thread; yields its base URL. ``options``: more
+    uvicorn.Config keywords (host and port are chosen here)."""
     import uvicorn
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    settings = {"log_level": "warning", **(options or {}), "host": "127.0.0.1", "port": port}
+    server = uvicorn.Server(uvicorn.Config(app, **settings))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:

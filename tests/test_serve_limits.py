@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import free_port, jpeg_bytes, lesion_image, train_tiny_run
+from conftest import jpeg_bytes, lesion_image, train_tiny_run, uvicorn_server
 from melanoma import serve as serve_module
 from melanoma.run import Run
 from melanoma import serve_limits
@@ -205,22 +205,8 @@ def test_body_that_does_not_arrive_in_time_is_408(run):
 @contextmanager
 def _server(app, config: ServeConfig):
     """A real uvicorn with the options `melanoma serve` uses, on a free loopback port; yields the port."""
-    import uvicorn
-
-    port = free_port()
-    options = uvicorn_options("127.0.0.1", port, config) | {"log_level": "warning"}
-    server = uvicorn.Server(uvicorn.Config(app, **options))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.time() + 20
-        while not server.started and time.time() < deadline:
-            time.sleep(0.05)
-        assert server.started, "uvicorn did not start"
-        yield port
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with uvicorn_server(app, uvicorn_options("127.0.0.1", 0, config) | {"log_level": "warning"}) as url:
+        yield int(url.rsplit(":", 1)[1])
 
 
 def _until_closed(port: int, data: bytes, timeout: float = 10) -> tuple[bytes, float]:
