@@ -30,3 +30,17 @@ def test_accuracy_benchmark_rejects_an_unknown_flag(capsys):
     with pytest.raises(SystemExit):
         accuracy.benchmark_config("runs/x", ["--epochz", "8"])
     assert "--epochz" in capsys.readouterr().err
+
+
+@requires_shared_data
+def test_image_steps_replace_the_recipes_epoch_count():
+    from dataclasses import replace
+
+    from melanoma.config import with_epochs
+
+    config = accuracy.benchmark_config("runs/x", ["--image-steps", "28000"]).resolved()
+    assert config.epochs is None and with_epochs(config, 5150).epochs == 5  # not the recipe's 8
+    resumed = replace(with_epochs(config, 5150), image_steps=28000).resolved()
+    assert with_epochs(resumed, 9999).epochs == 5  # a resumed run keeps its own count
+    with pytest.raises(SystemExit):
+        accuracy.benchmark_config("runs/x", ["--epochs", "3", "--image-steps", "28000"])

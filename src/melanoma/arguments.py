@@ -116,10 +116,12 @@ def _add_training_flags(parser: argparse.ArgumentParser, default_out: str, data_
     model.add_argument("--era-balance", action=argparse.BooleanOptionalAction,
                        help="with a sampler: within each class, draw the ISIC archive's 2016-17 images (id below "
                             "0010000) and later ones equally often, so image age cannot stand in for the class")
-    model.add_argument("--epochs", type=int, help="passes over the training split (default: the recipe's length)")
-    model.add_argument("--image-steps", type=int, metavar="N",
-                       help="training length as images drawn in all; epochs = N / training images, so the same "
-                            "recipe fits one data source or several (the finetune recipe's default)")
+    length = model.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=_bounded_int(1, 10_000),
+                        help="passes over the training split (default: the recipe's length)")
+    length.add_argument("--image-steps", type=_bounded_int(1, 100_000_000), metavar="N",
+                        help="training length as images drawn in all; epochs = N / training images, so the same "
+                             "recipe fits one data source or several (the finetune recipe's default)")
     model.add_argument("--batch-size", type=_bounded_int(1, 4096))
     model.add_argument("--lr", type=_finite_float,
                        help="learning rate of the head (the backbone gets --backbone-lr-scale)")

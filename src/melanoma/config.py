@@ -76,7 +76,11 @@ class TrainConfig:
             raise RunError(f"unknown recipe '{recipe}' (choose from: {', '.join(RECIPES)})")
         values = {name: getattr(self, name) for name in RECIPES[recipe]}
         filled = {name: RECIPES[recipe][name] if value is None else value for name, value in values.items()}
-        if self.epochs is not None and self.image_steps is None:  # an explicit epoch count wins over the recipe's
+        # The length is given one way: whichever of epochs / image steps was set explicitly replaces the recipe's
+        # length (a resumed run has both, and its epoch count stands).
+        if self.image_steps is not None and self.epochs is None:
+            filled["epochs"] = None
+        elif self.epochs is not None and self.image_steps is None:
             filled["image_steps"] = None
         if filled["weights"] == "package" and self.model not in _PACKAGED_WEIGHTS:
             filled["weights"] = "none"
