@@ -155,6 +155,16 @@ def _add_training_flags(parser: argparse.ArgumentParser, default_out: str, data_
                      help="ddp: distributed data parallel, one process per device (default: auto)")
     run.add_argument("--precision", help="32-true, bf16-mixed, 16-mixed (default: bf16 where native)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--augment-on", default="auto", choices=["auto", "loader", "device"],
+                     help="where training images are augmented: 'loader' (one image at a time, in the DataLoader), "
+                          "'device' (whole batches, each image with its own random parameters, on the GPU or CPU "
+                          "that trains); auto: device on a GPU, loader on a CPU (default: auto)")
+    run.add_argument("--logger", default="none", choices=["none", "tensorboard", "mlflow"],
+                     help="experiment tracking: tensorboard (event files in RUN/tensorboard) or mlflow; parameters = "
+                          "the resolved config, metrics per epoch, report and figures at the end (default: none)")
+    run.add_argument("--tracking-uri", metavar="URI",
+                     help="with --logger mlflow: the MLflow store, e.g. sqlite:///runs/mlflow.db or "
+                          "http://HOST:5000 (default: MLflow's own, sqlite:///mlflow.db here)")
 
 
 def build_parser() -> argparse.ArgumentParser:

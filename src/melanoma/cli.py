@@ -121,7 +121,8 @@ def _train_config(args: argparse.Namespace) -> "TrainConfig":
         audit=args.audit, truth=args.truth or [], test_split=args.test_split, early_stopping=args.early_stopping,
         num_workers=args.workers, threads=args.threads, accelerator=args.accelerator, devices=args.devices,
         num_nodes=args.num_nodes, strategy=args.strategy, precision=args.precision, overwrite=args.overwrite,
-        resume=args.resume, progress=not args.no_progress)
+        resume=args.resume, progress=not args.no_progress,
+        augment_on=args.augment_on, logger=args.logger, tracking_uri=args.tracking_uri)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -7,10 +7,12 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from melanoma.augment import AUGMENT_ON
 from melanoma.balance import parse_balance
 from melanoma.data import display_name
 from melanoma.models import ModelSpec, SEED_MODELS, build_model, default_normalization
 from melanoma.run import CONFIG, RunError, read_run_json
+from melanoma.tracking import check_tracking
 from melanoma.transforms import PRESETS, PresetError
 
 
@@ -64,6 +66,9 @@ class TrainConfig:
     overwrite: bool = False
     resume: bool = False
     progress: bool = True
+    augment_on: str = "auto"          # loader (per image) | device (batched where the model trains) | auto
+    logger: str = "none"              # none | tensorboard | mlflow (see melanoma.tracking)
+    tracking_uri: str | None = None   # MLflow store; default: MLflow's own
 
     def __post_init__(self) -> None:
         if isinstance(self.data, (str, Path)):  # one source, or a config.json written before several were possible
@@ -157,6 +162,9 @@ def validate_config(config: TrainConfig) -> None:
     if config.model in SEED_MODELS and config.weights not in (None, "none"):
         raise RunError(f"--weights applies to ImageNet backbones; '{config.model}' is trained from scratch")
     build_spec(config, num_classes=2)  # unknown model names fail here
+    if config.augment_on not in AUGMENT_ON:
+        raise RunError(f"unknown --augment-on '{config.augment_on}' (choose from: {', '.join(AUGMENT_ON)})")
+    check_tracking(config.logger, config.tracking_uri)
 
 
 # name: (low, high, low included, high included); None values mean "the recipe's" and are not checked

@@ -1,5 +1,7 @@
 """The training loop on Lightning: the LightningModule, the learning-rate schedule, callbacks (freezing, history and
-checkpoints, EMA, the progress bar) and the Trainer that runs them over the in-memory arrays."""
+checkpoints, EMA, the progress bar, tracking) and the Trainer that runs them over the in-memory arrays. Training images
+are augmented in the DataLoader one at a time, or batched on the training device (``--augment-on``, see
+:mod:`melanoma.augment`)."""
 from __future__ import annotations
 
 import math
@@ -15,15 +17,17 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
 
+from melanoma.augment import BatchAugment, epoch_seed, resolve_augment_on
 from melanoma.balance import balanced_sampler, class_weights, parse_balance
 from melanoma.config import TrainConfig
 from melanoma.data import acquisition_era
-from melanoma.distributed import ShardedBatchSampler
+from melanoma.distributed import ShardedBatchSampler, is_launch_rank_zero
 from melanoma.hardware import uses_gpu
 from melanoma.io import write_csv
 from melanoma.models import ModelSpec
 from melanoma.prepare import PreparedData, train_image_names
 from melanoma.run import CHECKPOINT_DIR, HISTORY, LAST, RunError, save_best
+from melanoma.tracking import build_logger, log_epoch, start_tracking
 from melanoma.transforms import to_model_input, train_transform
 
 
@@ -55,9 +59,10 @@ def seed_everything(seed: int) -> None:
 
 
 def build_lightning_module(model: nn.Module, config: TrainConfig, loss_weights: torch.Tensor | None,
-                           train_batches: Sized):
+                           train_batches: Sized, batch_augment: BatchAugment | None = None):
     """``train_batches`` is the training batch sampler: its length (batches per epoch on this process) is only known
-    once the process group runs, so the LR schedule reads it when the optimizers are made."""
+    once the process group runs, so the LR schedule reads it when the optimizers are made. With ``batch_augment``
+    training batches are augmented once they are on the training device."""
     pl = _lightning()
 
     class LesionClassifier(pl.LightningModule):
@@ -69,6 +74,12 @@ def build_lightning_module(model: nn.Module, config: TrainConfig, loss_weights: 
 
         def forward(self, pixels):
             return self.model(pixels)
+
+        def on_after_batch_transfer(self, batch, dataloader_idx):
+            if batch_augment is None or not self.trainer.training:
+                return batch
+            images, labels = batch
+            return batch_augment(images), labels
 
         def training_step(self, batch, _):
             images, labels = batch
@@ -101,7 +112,7 @@ def build_lightning_module(model: nn.Module, config: TrainConfig, loss_weights: 
             metrics = {f"{stage}_loss": loss_sum / max(count, 1), f"{stage}_acc": correct / max(count, 1)}
             for name, value in metrics.items():
                 # identical on every process, so the sync only keeps Lightning from warning
-                self.log(name, value, prog_bar=True, sync_dist=True)
+                self.log(name, value, prog_bar=True, sync_dist=True, logger=False)  # tracked per epoch instead
             return metrics
 
         def configure_optimizers(self):
@@ -149,7 +160,8 @@ def lr_schedule(config: TrainConfig, steps_per_epoch: int):
 
 
 def _callbacks(config: TrainConfig, run_dir: Path, spec: ModelSpec, classes: list[str], history: list[dict],
-               generators: Sequence[torch.Generator] = (), train_batches: Sized = ()):
+               generators: Sequence[torch.Generator] = (), train_batches: Sized = (),
+               batch_augment: BatchAugment | None = None, tracked: dict | None = None):
     pl = _lightning()
 
     class FreezeBackbone(pl.Callback):
@@ -172,19 +184,26 @@ def _callbacks(config: TrainConfig, run_dir: Path, spec: ModelSpec, classes: lis
                         layer.eval()
 
     class RunRecorder(pl.Callback):
-        """history.csv each epoch, last.ckpt (for --resume) and best.pt (lowest validation loss), all atomic."""
+        """history.csv each epoch, last.ckpt (for --resume) and best.pt (lowest validation loss), all atomic; the same
+        rows to the tracking logger, if any."""
 
         def __init__(self):
             self.best_loss = math.inf
             self.epoch_start = time.perf_counter()
             self.val_metrics: dict[str, float] = {}
 
+        def on_fit_start(self, trainer, module):
+            if trainer.is_global_zero:
+                start_tracking(trainer.logger, run_dir, tracked or {}, config.resume)
+
         def on_train_epoch_start(self, trainer, module):
             self.epoch_start = time.perf_counter()
             if trainer.world_size > 1:
                 # Each process augments different images, so each needs its own random stream; seeding it from
                 # (seed, epoch, rank) also makes a resumed distributed run draw what an uninterrupted one would.
-                torch.manual_seed(config.seed * 1_000_003 + trainer.current_epoch * 1_009 + trainer.global_rank)
+                torch.manual_seed(epoch_seed(config.seed, trainer.current_epoch, trainer.global_rank))
+            if batch_augment is not None:  # batched augmentation: its own stream, reseeded the same way
+                batch_augment.reseed(config.seed, trainer.current_epoch, trainer.global_rank)
 
         def on_validation_epoch_end(self, trainer, module):
             if trainer.sanity_checking:
@@ -206,6 +225,7 @@ def _callbacks(config: TrainConfig, run_dir: Path, spec: ModelSpec, classes: lis
             history.append(row)
             if trainer.is_global_zero:
                 write_csv(run_dir / HISTORY, history, HISTORY_COLUMNS)
+                log_epoch(trainer.logger, row)
                 if config.progress and not interactive():  # a log file: one line per epoch, not bar redraws
                     print(epoch_line(row, trainer.max_epochs), file=sys.stderr, flush=True)
             save_last(trainer, run_dir)
@@ -311,7 +331,10 @@ def save_last(trainer, run_dir: Path) -> None:
 
 def build_trainer(config: TrainConfig, model, data: PreparedData, run_dir: Path, spec: ModelSpec, history):
     pl = _lightning()
-    transform = train_transform(config.preset, spec.image_size)
+    augment_on = resolve_augment_on(config.augment_on, config.accelerator)
+    batch_augment = BatchAugment(config.preset, spec.image_size) if augment_on == "device" else None
+    # the loader path augments each image as it is fetched; the device path gets the cached uint8 images as they are
+    transform = train_transform(config.preset, spec.image_size) if batch_augment is None else None
     balance = parse_balance(config.balance)
     train_set = ArrayDataset(data.train_images, data.train_labels, transform)
     eras = [acquisition_era(name) for name in train_image_names(data)] if config.era_balance else None
@@ -329,12 +352,17 @@ def build_trainer(config: TrainConfig, model, data: PreparedData, run_dir: Path,
     val_loader = DataLoader(val_set, batch_sampler=ShardedBatchSampler(SequentialSampler(val_set),
                                                                        config.batch_size * 2), num_workers=0)
     weights = class_weights(data.train_labels, len(data.classes)) if balance.mode == "weights" else None
-    module = build_lightning_module(model, config, weights, train_batches)
+    module = build_lightning_module(model, config, weights, train_batches, batch_augment)
+    # only the process that writes the run folder tracks (the MLflow store is opened once, not once per process)
+    logger = build_logger(config.logger, config.tracking_uri, run_dir, config.resume) if is_launch_rank_zero() else None
+    tracked = {**asdict(config), "augment_path": augment_on}
     trainer = pl.Trainer(
         max_epochs=config.epochs, accelerator=config.accelerator, devices=config.devices,
         num_nodes=config.num_nodes, strategy=config.strategy, precision=config.precision,
-        deterministic=True, logger=False, enable_checkpointing=False, enable_model_summary=False,
+        deterministic=True, logger=logger or False, enable_checkpointing=False, enable_model_summary=False,
+        log_every_n_steps=1,  # nothing is logged per step (RunRecorder logs epochs); this only silences a warning
         enable_progress_bar=config.progress and interactive(), num_sanity_val_steps=0, default_root_dir=str(run_dir),
         use_distributed_sampler=False,  # ShardedBatchSampler: Lightning's sampler would repeat samples to pad
-        callbacks=_callbacks(config, run_dir, spec, data.classes, history, generators, train_batches))
+        callbacks=_callbacks(config, run_dir, spec, data.classes, history, generators, train_batches, batch_augment,
+                             tracked))
     return trainer, module, (train_loader, val_loader)

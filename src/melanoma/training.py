@@ -81,6 +81,10 @@ def _train_into(run_dir: Path, config: TrainConfig, writer: bool, log) -> None:
         raise
     if trainer.is_global_zero:
         finish_run(run_dir, data, config, history, log)
+        if config.logger != "none":
+            from melanoma.tracking import log_run_artifacts
+
+            log_run_artifacts(run_dir)
 
 
 def _silent(*_args, **_kwargs) -> None:
