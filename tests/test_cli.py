@@ -81,7 +81,7 @@ def test_a_copied_run_resumes_in_its_new_place_and_the_original_is_untouched(tin
     (["train", "--data", "D", "--threads", "0"], "--threads: must be between 1 and 1,024, not 0"),
     (["train", "--data", "D", "--batch-size", "100000"], "--batch-size: must be between 1 and 4,096"),
     (["evaluate", "RUN", "--bootstrap", "-5"], "--bootstrap: must be between 0 and 100,000, not -5"),
-    (["audit", "D", "--near-threshold", "999"], "--near-threshold: must be between 0 and 256, not 999"),
+    (["audit", "D", "--near-threshold", "999"], "--near-threshold: must be a near-copy distance between 0 and 2"),
     (["audit", "D", "--workers", "0"], "--workers: must be between 1 and 256, not 0"),
     (["export", "RUN", "--opset", "5"], "--opset: must be between 13 and 20, not 5"),
     (["export", "RUN", "--opset", "99"], "--opset: must be between 13 and 20, not 99"),

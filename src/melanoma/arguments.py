@@ -36,6 +36,13 @@ def _sensitivity(value: str) -> float:
     return number
 
 
+def _near_distance(value: str) -> float:
+    number = _finite_float(value)
+    if not 0 <= number <= 2:
+        raise argparse.ArgumentTypeError(f"must be a near-copy distance between 0 and 2, not {value}")
+    return number
+
+
 def _bounded_int(low: int, high: int):
     def parse(value: str) -> int:
         try:
@@ -186,8 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--out", default="runs/audit", help="output folder (default: runs/audit)")
     audit.add_argument("--image-root", help="folder that manifest image paths are relative to "
                                             "(default: the manifest's folder)")
-    audit.add_argument("--near-threshold", type=_bounded_int(0, 256), default=20,
-                       help="pHash bits (of 256) below which two images count as copies (default: 20)")
+    audit.add_argument("--near-threshold", type=_near_distance, default=0.25,
+                       help="near-copy distance (0-2) within which two images count as one picture, whatever their "
+                            "size, aspect, crop (up to 20%% a side) or colours (default: 0.25)")
     audit.add_argument("--workers", type=_bounded_int(1, 256), default=4, help="decoding threads (default: 4)")
     audit.add_argument("--seed", type=int, default=0, help="seed for the sample grid (default: 0)")
     audit.set_defaults(command="audit")

@@ -11,10 +11,10 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable
 
-import numpy as np
 
 from melanoma.data import DEFAULT_MAX_PIXELS, DatasetIndex, ImageRecord, display_name
-from melanoma.fingerprints import Fingerprint, UnionFind, fingerprint_all, near_pairs
+from melanoma import nearcopy
+from melanoma.fingerprints import Fingerprint, UnionFind, fingerprint_all, near_copy_pairs
 from melanoma.truth import GroundTruth, with_record_labels
 
 ACTION_KEEP = "keep"
@@ -30,8 +30,7 @@ _ISIC_ID = re.compile(r"ISIC_\d{7}")
 
 @dataclass
 class AuditConfig:
-    near_threshold: int = 20      # Hamming bits of 256; see melanoma.fingerprints for how it was chosen
-    hash_size: int = 16           # pHash side: 16 -> 256-bit hashes
+    near_threshold: float = nearcopy.THRESHOLD  # near-copy distance; see melanoma.fingerprints for how it was chosen
     max_pixels: int = DEFAULT_MAX_PIXELS
     workers: int = 4
     seed: int = 0                 # which image per class the sample grid shows
@@ -66,10 +65,10 @@ def run_audit(index: DatasetIndex, truth: GroundTruth | None = None, config: Aud
     config = config or AuditConfig()
     records = index.records
     truth = with_record_labels(truth, records)
-    prints, errors = fingerprint_all(records, config.hash_size, config.max_pixels, config.workers, progress)
+    prints, errors = fingerprint_all(records, config.max_pixels, config.workers, progress)
     good = sorted(prints)
-    relations = _copy_relations(records, prints, good, config)
     lesions = {i: _lesion_of(records[i], truth) for i in range(len(records))}
+    relations = _copy_relations(records, prints, good, lesions, config)
     duplicate_groups = _duplicate_groups(records, prints, relations)
     label_conflicts = _label_conflicts(records, relations, good)
     leaks, leaked_train = _cross_split_leaks(records, relations, lesions, good)
@@ -109,9 +108,13 @@ class _Relations:
         return self.adjacent.get(item, [])
 
 
-def _copy_relations(records, prints: dict[int, Fingerprint], good: list[int], config: AuditConfig) -> _Relations:
-    """Pairs that are one picture: same bytes or pixels ('identical'), close hashes ('near-identical'), or the same
-    ISIC id in two sources ('same-id': the archive's id names one picture, whatever size each source keeps)."""
+def _copy_relations(records, prints: dict[int, Fingerprint], good: list[int], lesions: dict[int, str | None],
+                    config: AuditConfig) -> _Relations:
+    """Pairs that are one picture: same bytes or pixels ('identical'), a near-copy ('near-identical'), or the same
+    ISIC id in two sources ('same-id': the archive's id names one picture, whatever size each source keeps).
+
+    Two photos of one known lesion taken seconds apart can look like a crop of one photo; they are grouped by their
+    lesion id anyway, so a near-copy between them is not counted as one picture (a second photo trains too)."""
     kind: dict[tuple[int, int], str] = {}
     distance: dict[tuple[int, int], int] = {}
     for key in ("file_sha256", "pixel_sha256"):
@@ -123,12 +126,11 @@ def _copy_relations(records, prints: dict[int, Fingerprint], good: list[int], co
                 for b in members[a_pos + 1:]:
                     kind[(a, b)] = "identical"
                     distance[(a, b)] = 0
-    if good:
-        hashes = np.stack([prints[i].phash for i in good])
-        for a_pos, b_pos, bits in near_pairs(hashes, config.near_threshold):
-            pair = (good[a_pos], good[b_pos])
-            kind.setdefault(pair, "near-identical")
-            distance.setdefault(pair, bits)
+    for a_pos, b_pos, apart in near_copy_pairs([prints[i] for i in good], config.near_threshold, config.workers):
+        pair = (good[a_pos], good[b_pos])
+        if pair not in kind and not (lesions[pair[0]] and lesions[pair[0]] == lesions[pair[1]]):
+            kind[pair] = "near-identical"
+            distance[pair] = round(apart, 3)
     for pair in _same_id_across_sources(records, good):
         kind.setdefault(pair, "same-id")
     union = UnionFind(max(good, default=-1) + 1)
@@ -167,7 +169,7 @@ def _duplicate_groups(records, prints, relations: _Relations) -> list[dict]:
                        "sources": [records[i].source for i in members],
                        "image_ids": [records[i].image_id for i in members],
                        "labels": [records[i].label for i in members], "splits": [records[i].split for i in members],
-                       "max_hash_distance": max(distances, default=0)})
+                       "max_near_distance": max(distances, default=0)})
     return sorted(groups, key=lambda g: g["files"])
 
 

@@ -103,8 +103,8 @@ def audit_markdown(result: AuditResult, files: Sequence[str], limit: int = 40) -
                       result.truth_disagreements, limit)
     lines += _section("Unreadable or skipped files", ["file", "error"], result.unreadable, limit)
     lines += _section("Odd sizes or modes", ["file", "problems"], result.odd_images, limit)
-    lines += ["## Settings", "", f"Near-duplicate threshold: {result.config['near_threshold']} of "
-              f"{result.config['hash_size'] ** 2} pHash bits. "
+    lines += ["## Settings", "", f"Near-copy threshold: distance {result.config['near_threshold']} "
+              "(1 - the lower of the aligned images' structure and detail correlations). "
               f"Truth files: {', '.join(result.config['truth_files']) or 'none'}.",
               "", "`clean_manifest.csv` lists every image with its recommended action.", ""]
     return "\n".join(lines)
