@@ -135,6 +135,7 @@ def test_a_manifest_official_label_counts_as_official(two_sources):
     _, result = _audit(*two_sources)
     row = _rows(result)["course/Train/melanoma/ISIC_0000004.jpg"]
     assert row["official_label"] == "nevus" and row["official_source"] == "extra/manifest.csv"
+    assert result.summary["across_sources"]["truth_disagreements"] == 1
 
 
 def test_a_folder_and_its_manifest_give_the_same_audit(tmp_path, two_sources):

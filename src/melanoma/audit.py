@@ -378,13 +378,17 @@ def _summary(records, index, duplicate_groups, label_conflicts, leaks, disagreem
         "unreadable": len(unreadable),
         "actions": dict(Counter(row["action"] for row in manifest)),
         "sources": {source["name"]: source["images"] for source in index.sources},
-        "across_sources": _across_sources(duplicate_groups, label_conflicts, leaks, manifest),
+        "across_sources": _across_sources(duplicate_groups, label_conflicts, leaks, disagreements, manifest,
+                                          {source["name"] for source in index.sources}),
     }
 
 
-def _across_sources(duplicate_groups, label_conflicts, leaks, manifest) -> dict:
-    """How many findings join images of different sources."""
+def _across_sources(duplicate_groups, label_conflicts, leaks, disagreements, manifest, source_names) -> dict:
+    """How many findings join images of different sources (a truth disagreement does when another data source's
+    official label contradicts the image's own label)."""
     return {"duplicate_groups": sum(len(set(g["sources"])) > 1 for g in duplicate_groups),
             "label_conflict_groups": sum(len(c["sources"]) > 1 for c in label_conflicts),
+            "truth_disagreements": sum(d["source"] in source_names and d["source"] != d["data_source"]
+                                       for d in disagreements),
             "leaked_heldout_images": sum(any(s != leak["source"] for s in leak["train_sources"]) for leak in leaks),
             "duplicates_dropped": sum(row["action"] == ACTION_DROP_DUPLICATE for row in manifest)}
