@@ -10,6 +10,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "isic-9class-180px"
 EXTRA_MANIFEST = REPO.parent / "shared" / "data" / "isic-extra" / "manifest.csv"
 TRUTH_FILES = sorted((REPO.parent / "shared" / "data" / "groundtruth").glob("*.csv"))
+HAM10000_METADATA = REPO.parent / "shared" / "data" / "groundtruth" / "HAM10000_metadata.csv"  # lesion_id
 
 
 def require_shared_data() -> Path:
