@@ -203,7 +203,7 @@ def test_a_second_writer_of_one_run_folder_stops_at_once(tmp_path):
     finally:
         release.set()
         thread.join()
-    assert not run.exists() and not (tmp_path / ".run.starting").exists()
+    assert not run.exists() and not (tmp_path / ".run.starting").exists() and not (tmp_path / ".run.lock").exists()
 
 
 def test_a_failed_start_leaves_no_staging_folder(tmp_path):
@@ -216,7 +216,7 @@ def test_a_failed_start_leaves_no_staging_folder(tmp_path):
                          progress=False)
     with pytest.raises(DataError, match="too few images to split"):
         train(config, log=lambda *_: None)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".run.lock", "data"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no staging folder, no lock file
 
 
 # --- 11. clear words --------------------------------------------------------------------------------------------

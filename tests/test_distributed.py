@@ -87,7 +87,7 @@ def test_bad_distributed_flags_are_refused(tmp_path, capsys, flags, message):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--devices", "0"], "at least 1"), (["--devices", "-2"], "at least 1"), (["--batch-size", "0"], "at least 1"),
+    (["--devices", "0"], "at least 1"), (["--devices", "-2"], "at least 1"), (["--batch-size", "0"], "between 1 and"),
     (["--devices", "x"], "whole number")])
 def test_bad_predict_flags_are_refused(tmp_path, capsys, flags, message):
     from melanoma.cli import main

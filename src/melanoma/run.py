@@ -77,21 +77,11 @@ def prepare_run_dir(out: str | os.PathLike, resume: bool, overwrite: bool) -> Pa
 @contextmanager
 def run_folder_lock(run_dir: Path):
     """Only one process writes a run folder at a time: an exclusive lock on ``.NAME.lock`` beside it, held until the
-    run ends (the operating system releases it if the process dies). A second writer stops at once."""
+    run ends (the operating system releases it if the process dies). A second writer stops at once. The lock file
+    is removed when the run ends, so a finished run leaves nothing beside its folder."""
     lock_path = run_dir.with_name(f".{run_dir.name}.lock")
-    try:
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(lock_path, "a+")
-    except OSError as exc:
-        raise RunError(f"cannot write the run folder {display_name(run_dir)}: {exc.strerror or exc}") from exc
+    handle = _acquire_lock_file(lock_path, run_dir)
     with handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise RunError(f"{display_name(run_dir)} is being written by {holder}; wait for it to finish or choose "
-                           "another --out") from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"melanoma train (pid {os.getpid()})")
@@ -99,7 +89,35 @@ def run_folder_lock(run_dir: Path):
         try:
             yield
         finally:
+            lock_path.unlink(missing_ok=True)  # while still held, so no one else can hold this inode
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _acquire_lock_file(lock_path: Path, run_dir: Path):
+    while True:
+        try:
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(lock_path, "a+")
+        except OSError as exc:
+            raise RunError(f"cannot write the run folder {display_name(run_dir)}: {exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RunError(f"{display_name(run_dir)} is being written by {holder}; wait for it to finish or choose "
+                           "another --out") from None
+        if _same_file(handle, lock_path):
+            return handle
+        handle.close()  # the previous holder removed this file as we opened it: lock the new one
+
+
+def _same_file(handle, path: Path) -> bool:
+    try:
+        return os.fstat(handle.fileno()).st_ino == path.stat().st_ino
+    except FileNotFoundError:
+        return False
 
 
 def staging_dir(run_dir: Path) -> Path:
