@@ -21,8 +21,9 @@ def test_accuracy_benchmark_passes_train_flags_through():
 @requires_shared_data
 def test_accuracy_benchmark_defaults_to_the_default_recipe():
     config = accuracy.benchmark_config("runs/x", []).resolved()
-    assert (config.model, config.recipe, config.epochs, config.image_size) == ("tf_efficientnet_lite0", "finetune",
-                                                                               8, 180)
+    assert (config.model, config.recipe, config.image_steps, config.image_size, config.input_blur) == (
+        "tf_efficientnet_lite0", "finetune", 20_600, 128, 0.8)
+    assert config.epochs is None and not config.tta  # the length follows the training split's size
 
 
 @requires_shared_data
@@ -39,7 +40,7 @@ def test_image_steps_replace_the_recipes_epoch_count():
     from melanoma.config import with_epochs
 
     config = accuracy.benchmark_config("runs/x", ["--image-steps", "28000"]).resolved()
-    assert config.epochs is None and with_epochs(config, 5150).epochs == 5  # not the recipe's 8
+    assert config.epochs is None and with_epochs(config, 5150).epochs == 5  # not the recipe's 4
     resumed = replace(with_epochs(config, 5150), image_steps=28000).resolved()
     assert with_epochs(resumed, 9999).epochs == 5  # a resumed run keeps its own count
     with pytest.raises(SystemExit):
