@@ -102,7 +102,7 @@ def _add_training_flags(parser: argparse.ArgumentParser, default_out: str, data_
                                                            "for none)")
     model = parser.add_argument_group(
         "model and recipe", "Unset values come from the recipe: 'finetune' for timm backbones (the default: "
-        "ImageNet EfficientNet-Lite0 at 128 px for 20,600 images drawn, dermoscopy augmentation, balanced sampling, "
+        "ImageNet EfficientNet-Lite0 at 128 px for 28,000 images drawn, dermoscopy augmentation, balanced sampling, "
         "AdamW + cosine, head warm-up, EMA, a blur that hides the source's sharpness), 'seed' for the course "
         "notebook's CNNs (Adam 1e-3, 180 px, from scratch).")
     model.add_argument("--model", default="tf_efficientnet_lite0",

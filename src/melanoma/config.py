@@ -112,11 +112,11 @@ RECIPES: dict[str, dict] = {
         # shares raised validation balanced accuracy by 0.034 but cost 0.044 old-era melanoma AUC (docs/results.md)
         balance="sampler:0.5",
         era_balance=False,
-        # Length in images drawn, not epochs (a pool of ~6,400 images with isic-extra; ~1,400 with the course set
-        # alone, which gets 15 epochs). 128 px won the two-source rule on old-era validation melanoma AUC over 144 and
-        # 180 px (docs/results.md); 28,000 steps (5 epochs) were cut to 4 so the README main job, install included,
-        # fits 20 minutes on the 2-core CPU without bf16
-        epochs=None, image_steps=20_600, batch_size=32,
+        # Length in images drawn, not epochs (a pool of ~6,400 images with isic-extra, 5 epochs; ~1,950 with the
+        # course set alone, 18 epochs). 128 px for 28,000 steps won the two-source rule on old-era validation melanoma
+        # AUC over 144 and 180 px (docs/results.md); the README main job, install included, took 17.9 minutes with it
+        # on the 2-core CPU without bf16
+        epochs=None, image_steps=28_000, batch_size=32,
         lr=1e-3,                  # head LR; the backbone gets backbone_lr_scale of it
         optimizer="adamw", weight_decay=0.01,
         label_smoothing=0.1,      # folder labels are noisy (see the audit)
