@@ -4,7 +4,6 @@ Test metrics with 95% stratified-bootstrap CIs on "all" and "clean" (not leaked 
     python benchmarks/accuracy.py [--out runs/bench-accuracy] [--json FILE] [any `melanoma train` flag ...]
     python benchmarks/accuracy.py --from-run runs/lite0 --json FILE   # the same summary of a finished run
 
-
 e.g. `--epochs 8 --image-size 180`, `--model tf_efficientnet_lite2`, `--era-balance`, `--accelerator gpu`. The
 data (the README main job's: the course set and isic-extra, unless `--data` is given), truth files, --overwrite and
 --no-progress are filled in; everything else means what `melanoma train --help` says. Without --json the result goes

@@ -30,31 +30,33 @@ for part in "${parts[@]}"; do
 done
 total="$EPOCHREALTIME-$total_start"
 
-python3.11 - "$result" "$total" "$clone" "${#steps[@]}" "${steps[@]}" "${seconds[@]}" <<'EOF'
-import json, platform, sys
+# the clone's own venv reports the machine the way every benchmark does (benchmarks/_common.py)
+.venv/bin/python - "$repo/benchmarks" "$result" "$total" "$clone" "${#steps[@]}" "${steps[@]}" "${seconds[@]}" <<'EOF'
+import json, sys
 from pathlib import Path
+
+sys.path.insert(0, sys.argv[1])
+from _common import machine, write_results  # noqa: E402
+
 
 def elapsed(span: str) -> float:  # "END-START", both $EPOCHREALTIME
     end, start = map(float, span.split("-"))
     return end - start
 
 
-result, total, clone, count = sys.argv[1], elapsed(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
-steps, seconds = sys.argv[5:5 + count], [elapsed(s) for s in sys.argv[5 + count:5 + 2 * count]]
-cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
-machine = {"cpu_model": cpu, "cpus": len([l for l in open("/proc/cpuinfo") if l.startswith("processor")]),
-           "cpu_native_bf16": "avx512_bf16" in flags or "amx_bf16" in flags, "python": platform.python_version()}
+result, total, clone, count = sys.argv[2], elapsed(sys.argv[3]), Path(sys.argv[4]), int(sys.argv[5])
+steps, seconds = sys.argv[6:6 + count], [elapsed(s) for s in sys.argv[6 + count:6 + 2 * count]]
+where = machine()
 for step, sec in zip(steps, seconds):
     print(f"{sec / 60:6.1f} min  {step}")
-print(f"{total / 60:6.1f} min  total ({machine['cpu_model']}, {machine['cpus']} CPUs, bf16: {machine['cpu_native_bf16']})")
-metrics = json.loads((clone / "runs/lite0/metrics.json").read_text()) if (clone / "runs/lite0/metrics.json").is_file() else None
-payload = {"command": " && ".join(steps), "total_minutes": round(total / 60, 2),
-           "steps": [{"step": s, "minutes": round(t / 60, 2)} for s, t in zip(steps, seconds)],
-           "machine": machine, "run": str(clone / "runs/lite0"),
-           "clean_test": None if metrics is None else {
-               "balanced_accuracy": metrics["test"]["clean"]["balanced_accuracy"],
-               "melanoma_auc": metrics["test"]["clean"]["per_class"]["melanoma"]["auc"]}}
-Path(result).write_text(json.dumps(payload, indent=1) + "\n")
-print(f"wrote {result}")
+print(f"{total / 60:6.1f} min  total ({where['cpu_model']}, {where['cpus']} CPUs, bf16: {where['cpu_native_bf16']})")
+metrics_file = clone / "runs/lite0/metrics.json"
+metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
+write_results("main_job", {
+    "command": " && ".join(steps), "total_minutes": round(total / 60, 2),
+    "steps": [{"step": s, "minutes": round(t / 60, 2)} for s, t in zip(steps, seconds)],
+    "run": str(clone / "runs/lite0"),
+    "clean_test": None if metrics is None else {
+        "balanced_accuracy": metrics["test"]["clean"]["balanced_accuracy"],
+        "melanoma_auc": metrics["test"]["clean"]["per_class"]["melanoma"]["auc"]}}, result)
 EOF

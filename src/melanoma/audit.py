@@ -11,7 +11,6 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable
 
-
 from melanoma.data import DEFAULT_MAX_PIXELS, DatasetIndex, ImageRecord, display_name
 from melanoma import nearcopy
 from melanoma.fingerprints import Fingerprint, UnionFind, fingerprint_all, near_copy_pairs
@@ -116,7 +115,7 @@ def _copy_relations(records, prints: dict[int, Fingerprint], good: list[int], le
     Two photos of one known lesion taken seconds apart can look like a crop of one photo; they are grouped by their
     lesion id anyway, so a near-copy between them is not counted as one picture (a second photo trains too)."""
     kind: dict[tuple[int, int], str] = {}
-    distance: dict[tuple[int, int], int] = {}
+    distance: dict[tuple[int, int], float] = {}
     for key in ("file_sha256", "pixel_sha256"):
         by_digest: dict[str, list[int]] = defaultdict(list)
         for i in good:

@@ -108,16 +108,12 @@ def _acquire_lock_file(lock_path: Path, run_dir: Path):
             handle.close()
             raise RunError(f"{display_name(run_dir)} is being written by {holder}; wait for it to finish or choose "
                            "another --out") from None
-        if _same_file(handle, lock_path):
-            return handle
+        try:
+            if os.path.samestat(os.fstat(handle.fileno()), os.stat(lock_path)):
+                return handle
+        except FileNotFoundError:
+            pass
         handle.close()  # the previous holder removed this file as we opened it: lock the new one
-
-
-def _same_file(handle, path: Path) -> bool:
-    try:
-        return os.fstat(handle.fileno()).st_ino == path.stat().st_ino
-    except FileNotFoundError:
-        return False
 
 
 def staging_dir(run_dir: Path) -> Path:
