@@ -122,3 +122,13 @@ def test_an_unknown_logger_or_a_missing_package_is_refused(monkeypatch, capsys):
     with pytest.raises(RunError, match="--logger tensorboard needs the 'tensorboard' package"):
         check_tracking("tensorboard", None)
     check_tracking("none", None)  # nothing to look up
+
+
+def test_a_damaged_tracking_file_is_a_one_line_error_naming_it(tmp_path):
+    from melanoma.run import RunError
+    from melanoma.tracking import TRACKING_FILE, read_tracking
+
+    assert read_tracking(tmp_path) == {}  # a run without tracking
+    (tmp_path / TRACKING_FILE).write_text("{not json")
+    with pytest.raises(RunError, match="tracking.json: not valid JSON"):
+        read_tracking(tmp_path)

@@ -19,8 +19,8 @@ import os
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from melanoma.io import read_json, write_json
-from melanoma.run import RunError
+from melanoma.io import write_json
+from melanoma.run import RunError, read_run_json
 
 LOGGERS = ("none", "tensorboard", "mlflow")
 TENSORBOARD_DIR = "tensorboard"
@@ -126,7 +126,7 @@ def log_epoch(logger, row: dict) -> None:
 
 def read_tracking(run_dir: Path) -> dict:
     path = Path(run_dir) / TRACKING_FILE
-    return read_json(path) if path.is_file() else {}
+    return read_run_json(path) if path.is_file() else {}  # a damaged file is a one-line RunError
 
 
 def log_run_artifacts(run_dir: Path) -> list[str]:
