@@ -158,7 +158,7 @@ def test_a_repeated_id_under_two_labels_is_a_conflict_not_a_crash(tmp_path):
     manifest.write_text("image,label\nISIC_0000001.jpg,melanoma\nISIC_0000001.jpg,nevus\nISIC_0000002.jpg,nevus\n"
                         "ISIC_0000002.jpg,nevus\n")
     index = load_dataset(manifest)
-    assert len(index.records) == 3 and any("row 5 repeats row 4" in w for w in index.warnings)
+    assert len(index.records) == 3 and any("row 4 (" in w and "repeated by 1 later row" in w for w in index.warnings)
     result = run_audit(index)
     assert len(result.label_conflicts) == 1 and result.label_conflicts[0]["labels"] == ["melanoma", "nevus"]
 

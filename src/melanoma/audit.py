@@ -22,7 +22,8 @@ ACTION_RELABEL = "relabel"
 ACTION_EXCLUDE_CONFLICT = "exclude-conflict"
 ACTION_EXCLUDE_UNREADABLE = "exclude-unreadable"
 ACTION_DROP_DUPLICATE = "drop-duplicate"
-MANIFEST_COLUMNS = ("path", "source", "split", "image_id", "folder_label", "official_label", "official_source",
+ACTION_EXCLUDE_DISPUTED = "exclude-disputed-truth"
+MANIFEST_COLUMNS = ("key", "path", "source", "split", "image_id", "folder_label", "official_label", "official_source",
                     "lesion_id", "group", "leaked", "action", "reason")
 _ISIC_ID = re.compile(r"ISIC_\d{7}")
 
@@ -71,13 +72,18 @@ def run_audit(index: DatasetIndex, truth: GroundTruth | None = None, config: Aud
     duplicate_groups = _duplicate_groups(records, prints, relations)
     label_conflicts = _label_conflicts(records, relations, good)
     leaks, leaked_train = _cross_split_leaks(records, relations, lesions, good)
-    disagreements, unlabelled = _truth_disagreements(records, truth, good)
+    disputed = _disputed_official_labels(records, good)
+    disagreements, unlabelled = _truth_disagreements(records, truth, [i for i in good
+                                                                       if records[i].image_id not in disputed])
+    disagreements += [row for rows in disputed.values() for row in rows]
     unreadable = [{"file": display_name(records[i].rel_path), "error": display_name(errors[i])} for i in sorted(errors)]
     unreadable += index.skipped
     odd = _odd_images(records, prints)
     groups = _split_groups(records, relations, lesions)
     manifest = _clean_manifest(records, truth, lesions, groups, errors, leaks, leaked_train, label_conflicts)
+    _exclude_disputed(records, disputed, manifest)
     _drop_cross_source_copies(records, prints, relations, manifest)
+    _drop_cross_source_copies(records, prints, relations, manifest, held_out=True)
     counts = _counts(records, index.classes)
     summary = _summary(records, index, duplicate_groups, label_conflicts, leaks, disagreements, unlabelled,
                        unreadable, manifest, truth)
@@ -188,7 +194,7 @@ def _label_conflicts(records, relations: _Relations, good: list[int]) -> list[di
         labels = sorted({records[i].label for i in members})
         if len(labels) > 1:
             same_bytes = all(relations.kind.get((a, b)) == "identical" for a in members for b in members if a < b)
-            conflicts.append({"files": [display_name(records[i].rel_path) for i in members],
+            conflicts.append({"members": members, "files": [display_name(records[i].rel_path) for i in members],
                               "image_ids": sorted({records[i].image_id for i in members}),
                               "labels": labels, "splits": sorted({records[i].split for i in members}),
                               "sources": sorted({records[i].source for i in members}),
@@ -223,7 +229,7 @@ def _cross_split_leaks(records, relations: _Relations, lesions: dict[int, str | 
         if not found:
             continue
         reason = min(found.values(), key=rank.__getitem__)
-        leaks.append({"file": display_name(records[i].rel_path), "source": records[i].source,
+        leaks.append({"index": i, "file": display_name(records[i].rel_path), "source": records[i].source,
                       "split": records[i].split,
                       "image_id": records[i].image_id, "label": records[i].label, "reason": reason,
                       "lesion_id": lesions[i],
@@ -289,17 +295,17 @@ def _split_groups(records, relations: _Relations, lesions: dict[int, str | None]
 
 
 def _clean_manifest(records, truth, lesions, groups, errors, leaks, leaked_train, label_conflicts) -> list[dict]:
-    leaked_files = {leak["file"] for leak in leaks}
-    conflicted = {f for conflict in label_conflicts for f in conflict["files"]}
+    leaked_files = {leak.pop("index") for leak in leaks}
+    conflicted = {i for conflict in label_conflicts for i in conflict.pop("members")}
     rows = []
     for i, record in enumerate(records):
         official = truth.label_for(record.image_id) if truth else None
         action, reason = _action_for(i, record, official, errors, leaked_train, conflicted, records)
-        rows.append({"path": display_name(record.rel_path), "source": record.source, "split": record.split,
-                     "image_id": record.image_id,
+        rows.append({"key": record.identity, "path": display_name(record.rel_path), "source": record.source,
+                     "split": record.split, "image_id": record.image_id,
                      "folder_label": record.label, "official_label": official.label if official else "",
                      "official_source": official.source if official else "", "lesion_id": lesions[i] or "",
-                     "group": groups[i], "leaked": int(display_name(record.rel_path) in leaked_files),
+                     "group": groups[i], "leaked": int(i in leaked_files),
                      "action": action, "reason": reason})
     return rows
 
@@ -311,7 +317,7 @@ def _action_for(i, record, official, errors, leaked_train, conflicted, records) 
         kind, test_index = leaked_train[i]
         return ACTION_DROP_TRAIN_COPY, f"{kind} to {display_name(records[test_index].rel_path)}"
     contradicted = official is not None and official.contradicts(record.label)
-    if display_name(record.rel_path) in conflicted and record.in_training_pool:
+    if i in conflicted and record.in_training_pool:
         if official is None:
             return ACTION_EXCLUDE_CONFLICT, "same picture filed under other classes; no official label"
         if contradicted:
@@ -321,14 +327,19 @@ def _action_for(i, record, official, errors, leaked_train, conflicted, records) 
     return ACTION_KEEP, ""
 
 
-def _drop_cross_source_copies(records, prints, relations: _Relations, manifest: list[dict]) -> None:
-    """One picture in several sources trains once: of the copies still kept in a training pool, keep the one with
-    an official label when their labels differ, else the largest image (then the first source given); the rest get
-    ``drop-duplicate`` with the kept copy and the reason named."""
+def _drop_cross_source_copies(records, prints, relations: _Relations, manifest: list[dict],
+                              held_out: bool = False) -> None:
+    """One picture in several sources trains once (and, with ``held_out``, is scored once in its held-out split):
+    of the copies still kept, keep the one with an official label when their labels differ, else the largest image
+    (then the first source given); the rest get ``drop-duplicate`` with the kept copy and the reason named."""
     source_order = {name: position for position, name in reversed(list(enumerate(r.source for r in records)))}
-    kept = [i for i in sorted(prints) if records[i].in_training_pool
+    kept = [i for i in sorted(prints) if records[i].in_training_pool != held_out
             and manifest[i]["action"] in (ACTION_KEEP, ACTION_RELABEL)]
+    by_split: dict[tuple[int, str], list[int]] = defaultdict(list)
     for members in relations.union.components(kept):
+        for i in members:
+            by_split[(members[0], records[i].split.lower() if held_out else "")].append(i)
+    for members in by_split.values():
         if len({records[i].source for i in members}) < 2:
             continue
         labels_differ = len({records[i].label for i in members}) > 1
@@ -347,6 +358,41 @@ def _drop_cross_source_copies(records, prints, relations: _Relations, manifest: 
                 manifest[i]["action"] = ACTION_DROP_DUPLICATE
                 manifest[i]["reason"] = (f"same picture as {display_name(records[winner].rel_path)} "
                                          f"({records[winner].source}), kept: {why}")
+
+
+def _disputed_official_labels(records, good: list[int]) -> dict[str, list[dict]]:
+    """ISIC ids whose official labels (a manifest's official_label_source, an ISIC Archive download) differ between
+    records: a truth disagreement between sources, the same whichever source was given first."""
+    by_id: dict[str, list[int]] = defaultdict(list)
+    for i in good:
+        if records[i].official_source and _ISIC_ID.fullmatch(records[i].image_id):
+            by_id[records[i].image_id].append(i)
+    disputed = {}
+    for image_id, members in sorted(by_id.items()):
+        opinions = sorted({(records[i].source, records[i].label) for i in members})
+        if len({label for _, label in opinions}) < 2:
+            continue
+        said = "; ".join(f"{source} says {label}" for source, label in opinions)
+        disputed[image_id] = [{"file": display_name(records[i].rel_path), "data_source": records[i].source,
+                               "image_id": image_id, "split": records[i].split, "folder_label": records[i].label,
+                               "official_label": "disputed", "source": said, "kind": "between sources",
+                               "index": i} for i in members]
+    return disputed
+
+
+def _exclude_disputed(records, disputed: dict[str, list[dict]], manifest: list[dict]) -> None:
+    """Every image of an id whose sources disagree on the official label is excluded, on every side of the split."""
+    by_id: dict[str, list[int]] = defaultdict(list)
+    for i, record in enumerate(records):
+        by_id[record.image_id].append(i)
+    for image_id, rows in disputed.items():
+        said = rows[0]["source"]
+        for row in rows:
+            row.pop("index")
+        for i in by_id[image_id]:
+            if manifest[i]["action"] != ACTION_EXCLUDE_UNREADABLE:
+                manifest[i].update(action=ACTION_EXCLUDE_DISPUTED, official_label="", official_source="",
+                                   reason=f"sources disagree on the official label: {said}")
 
 
 def _counts(records, classes: list[str]) -> list[dict]:
@@ -372,7 +418,8 @@ def _summary(records, index, duplicate_groups, label_conflicts, leaks, disagreem
         "label_conflict_groups": len(label_conflicts),
         "leaked_heldout_images": len(leaks),
         "leaks_by_reason": dict(Counter(leak["reason"] for leak in leaks)),
-        "truth_disagreements": len(disagreements) if truth else None,
+        "truth_disagreements": len(disagreements) if truth or disagreements else None,
+        "truth_disagreements_between_sources": sum(d.get("kind") == "between sources" for d in disagreements),
         "images_without_official_label": unlabelled,
         "unreadable": len(unreadable),
         "actions": dict(Counter(row["action"] for row in manifest)),
@@ -387,7 +434,8 @@ def _across_sources(duplicate_groups, label_conflicts, leaks, disagreements, man
     official label contradicts the image's own label)."""
     return {"duplicate_groups": sum(len(set(g["sources"])) > 1 for g in duplicate_groups),
             "label_conflict_groups": sum(len(c["sources"]) > 1 for c in label_conflicts),
-            "truth_disagreements": sum(d["source"] in source_names and d["source"] != d["data_source"]
+            "truth_disagreements": sum(d.get("kind") == "between sources"
+                                       or (d["source"] in source_names and d["source"] != d["data_source"])
                                        for d in disagreements),
             "leaked_heldout_images": sum(any(s != leak["source"] for s in leak["train_sources"]) for leak in leaks),
             "duplicates_dropped": sum(row["action"] == ACTION_DROP_DUPLICATE for row in manifest)}

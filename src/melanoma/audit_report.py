@@ -14,11 +14,15 @@ from melanoma.data import DatasetIndex, ImageDecodeError, ImageRecord, decode_im
 from melanoma.io import atomic_write_text, save_figure, write_csv, write_json
 from melanoma.plots import class_counts_figure, image_grid_figure, pairs_figure
 
+OPTIONAL_OUTPUTS = ("samples.png", "leaks.png")  # written only when there is something to show
+
 
 def write_audit(result: AuditResult, index: DatasetIndex, out_dir: str | os.PathLike) -> dict[str, Path]:
     """Write audit.json, audit.md, clean_manifest.csv and the plots; each file atomically."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for optional in OPTIONAL_OUTPUTS:  # a re-used folder must not show a previous audit's figure as this one's
+        (out / optional).unlink(missing_ok=True)
     written = {
         "json": write_json(out / "audit.json", result.to_json()),
         "manifest": write_csv(out / "clean_manifest.csv", result.manifest, MANIFEST_COLUMNS),

@@ -27,7 +27,8 @@ ISIC_CLASSES: tuple[str, ...] = (
 )
 MELANOMA = "melanoma"
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
-SPLIT_NAMES = frozenset({"train", "test", "val", "valid", "validation"})
+VALIDATION_SPLITS = frozenset({"val", "valid", "validation"})
+SPLIT_NAMES = frozenset({"train", "test"}) | VALIDATION_SPLITS
 # 50 megapixels is ~10x the largest dermoscopy originals in the ISIC archive; anything bigger is refused before
 # decoding so that a crafted file cannot exhaust memory (a "decompression bomb").
 DEFAULT_MAX_PIXELS = 50_000_000
@@ -52,6 +53,16 @@ class ImageRecord:
     lesion_id: str | None = None
     source: str = ""                # the data source it came from (see melanoma.sources)
     official_source: str = ""       # where its label came from when that is official ground truth, else ""
+    key: str = ""                   # unique across every source of a run: "<source name>:<path in source>[#n]"
+
+    @property
+    def identity(self) -> str:
+        """The key that tells this record apart from every other of the run (the path, for a record made by hand)."""
+        return self.key or self.rel_path
+
+    @property
+    def is_validation(self) -> bool:
+        return self.split.lower() in VALIDATION_SPLITS
 
     @property
     def is_test(self) -> bool:
@@ -95,18 +106,25 @@ def image_id_from_name(name: str) -> str:
     return match.group(0) if match else Path(name).stem
 
 
-ARCHIVE_ERA_BELOW = 10_000  # ISIC_0000000-ISIC_0009999: the archive's oldest images (2016-2017 challenge era)
-ERAS = ("archive 2016-17", "later")
+ARCHIVE_ERA_BELOW = 24_306  # ISIC_0000000-ISIC_0024305: the ISIC archive before HAM10000 (the 2016-17 challenges)
+HAM10000_ERA_BELOW = 34_321  # ISIC_0024306-ISIC_0034320: HAM10000 (ViDIR Vienna, Rosendahl Queensland)
+ERAS = ("2016-17 archive", "HAM10000", "later")
 
 
 def acquisition_era(name: str) -> str:
-    """'archive 2016-17' for the ISIC archive's oldest images (id below 0010000), else 'later'.
+    """The collection an ISIC image came from, by its id: '2016-17 archive' (ids below 0024306: the archive's
+    images of the ISIC 2016 and 2017 challenges), 'HAM10000' (0024306-0034320), else 'later' (the BCN20000 and MSK
+    additions of ISIC 2019 and after, and any file without an ISIC id).
 
-    The oldest images come from other clinics and cameras than the later ones (HAM10000, BCN), and in this dataset
-    almost all nevi are old while most melanomas are not, so the era is a shortcut a model can learn for the class.
+    The collections come from different clinics and dermatoscopes, and in this dataset the classes are spread
+    unevenly over them (most nevi are old, most melanomas are not), so the era is a shortcut a model can learn for
+    the class; validation within one era shows what is left without it.
     """
     digits = image_id_from_name(Path(name).name).removeprefix("ISIC_")[:7]
-    return ERAS[0] if digits.isdigit() and int(digits) < ARCHIVE_ERA_BELOW else ERAS[1]
+    if not digits.isdigit():
+        return ERAS[-1]
+    number = int(digits)
+    return ERAS[0] if number < ARCHIVE_ERA_BELOW else ERAS[1] if number < HAM10000_ERA_BELOW else ERAS[2]
 
 
 def display_name(path: str | os.PathLike) -> str:

@@ -11,6 +11,7 @@ table; ``tests/test_audit_realdata.py`` checks that no flagged pair is two diffe
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -44,24 +45,32 @@ def fingerprint(record: ImageRecord, max_pixels: int = DEFAULT_MAX_PIXELS) -> Fi
 
 def fingerprint_all(records: Sequence[ImageRecord], max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 4,
                     progress: Callable[[Iterable, int], Iterable] | None = None):
-    """Fingerprint every record in a thread pool; returns ({index: Fingerprint}, {index: error message})."""
-    def one(index: int):
+    """Fingerprint every record in a thread pool, reading and decoding each distinct file once (records that list
+    one file share its fingerprint); returns ({index: Fingerprint}, {index: error message})."""
+    sharing: dict[str, list[int]] = defaultdict(list)
+    for index, record in enumerate(records):
+        sharing[os.fspath(record.path)].append(index)
+    files = list(sharing.values())
+
+    def one(members: list[int]):
+        first = records[members[0]]
         try:
-            return index, fingerprint(records[index], max_pixels), None
+            return members, fingerprint(first, max_pixels), None
         except ImageDecodeError as exc:
-            return index, None, str(exc)
+            return members, None, str(exc)
         except OSError as exc:
-            return index, None, f"{records[index].rel_path}: cannot read file ({exc.strerror or exc})"
+            return members, None, f"{first.rel_path}: cannot read file ({exc.strerror or exc})"
 
     prints: dict[int, Fingerprint] = {}
     errors: dict[int, str] = {}
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(one, range(len(records)))
-        for index, print_, error in (progress(results, len(records)) if progress else results):
-            if error is None:
-                prints[index] = print_
-            else:
-                errors[index] = error
+        results = pool.map(one, files)
+        for members, print_, error in (progress(results, len(files)) if progress else results):
+            for index in members:
+                if error is None:
+                    prints[index] = print_
+                else:
+                    errors[index] = error
     return prints, errors
 
 

@@ -16,7 +16,7 @@ from melanoma.data import DataError, DatasetIndex, build_cache, display_name
 from melanoma.run import RunError
 from melanoma.sources import load_dataset
 from melanoma.splits import (Selection, grouped_stratified_split, random_split, select_heldout,
-                             select_training_pool)
+                             select_training_pool, select_validation)
 
 
 @dataclass
@@ -46,7 +46,8 @@ def load_clean_manifest(config: TrainConfig, index: DatasetIndex, run_dir: Path 
         path = path / "clean_manifest.csv" if path.is_dir() else path
         if not path.is_file():
             raise DataError(f"{display_name(path)}: no clean_manifest.csv there; run `melanoma audit` first")
-        with open(path, newline="", encoding="utf-8") as handle:
+        # written with surrogateescape (melanoma.io), so a file name that is not UTF-8 reads back as it was
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
             return list(csv.DictReader(handle))
     from melanoma.audit import AuditConfig, run_audit
     from melanoma.audit_report import write_audit
@@ -62,31 +63,43 @@ def load_clean_manifest(config: TrainConfig, index: DatasetIndex, run_dir: Path 
 def prepare_data(config: TrainConfig, run_dir: Path | None = None, log=print) -> PreparedData:
     """Discover, clean, decode once, split (grouped and stratified) and balance; all seeded."""
     config = config.resolved()
-    index = load_dataset(config.data)
+    index = load_dataset(config.data, image_root=config.image_root)
     manifest = load_clean_manifest(config, index, run_dir)
     pool = select_training_pool(index, manifest if config.clean else None, relabel=config.relabel)
+    given_val = select_validation(index, manifest if config.clean else None, relabel=config.relabel)
+    if given_val is not None and config.protocol != "leak-free":
+        raise DataError(f"{display_name(index.root)}: the data has its own validation split; protocol "
+                        f"'{config.protocol}' splits the pool at random instead (use --protocol leak-free)")
     classes = sorted(set(index.classes))
     _check_labels_known(pool, classes)
     size = resolve_image_size(config)
-    pool_cache = build_cache(pool.records, size=size)
-    keep = [i for i in range(len(pool.records)) if i not in pool_cache.errors]
+    records = pool.records + (given_val.records if given_val else [])
+    pool_labels = pool.labels + (given_val.labels if given_val else [])
+    pool_groups = pool.groups + (given_val.groups if given_val else [])
+    pool_cache = build_cache(records, size=size)
+    keep = [i for i in range(len(records)) if i not in pool_cache.errors]
     images = pool_cache.images[keep]
-    labels = np.asarray([classes.index(pool.labels[i]) for i in keep])
-    groups = [pool.groups[i] for i in keep]
-    names = [display_name(pool.records[i].rel_path) for i in keep]
-    sources = [pool.records[i].source for i in keep]
+    labels = np.asarray([classes.index(pool_labels[i]) for i in keep])
+    groups = [pool_groups[i] for i in keep]
+    names = [display_name(records[i].rel_path) for i in keep]
+    keys = [records[i].identity for i in keep]
+    sources = [records[i].source for i in keep]
+    in_val = np.asarray([i >= len(pool.records) for i in keep], dtype=bool)
     balance = parse_balance(config.balance)
     if config.protocol == "leaky":
         split = _leaky_expand_then_split(images, labels, names, sources, balance, len(classes), config)
     elif config.protocol == "leak-free":
-        split = _split_then_expand(images, labels, groups, names, sources, balance, classes, config)
+        split = _split_then_expand(images, labels, groups, names, sources, balance, classes, config,
+                                   given_val=in_val if given_val else None)
     else:
         raise RunError(f"unknown protocol '{config.protocol}' (leak-free or leaky)")
+    _add_keys(split["split_rows"], keys)
     test = select_heldout(index, config.test_split, manifest) if config.test_split else None
     test_part = _decode_heldout(test, classes, size)
     _warn_untrained_classes(classes, labels, test_part["test_labels"], log)
-    prepared = PreparedData(classes=classes, **split, **test_part, pool_names=names,
-                            summary=_data_summary(index, pool, manifest, classes, split, test_part, config))
+    summary = _data_summary(index, pool, manifest, classes, split, test_part, config)
+    summary |= _unused_summary(index, config, given_val, test)
+    prepared = PreparedData(classes=classes, **split, **test_part, pool_names=names, summary=summary)
     _log_data_summary(prepared.summary, log)
     return prepared
 
@@ -110,15 +123,36 @@ def _check_labels_known(pool: Selection, classes: list[str]) -> None:
         raise DataError(f"labels not among the dataset's classes: {', '.join(unknown)}")
 
 
+def _add_keys(rows: list[dict], keys: list[str]) -> None:
+    """Each split.csv row gets its record's key (an expanded copy the key of the image it was made from)."""
+    for row in rows:
+        row["key"] = keys[row.pop("index")]
+
+
+def _unused_summary(index: DatasetIndex, config: TrainConfig, given_val, test) -> dict:
+    """What the run did not use: images of splits that are neither the training pool, the validation split given by
+    the data, nor --test-split; and held-out copies dropped so that one picture is scored once."""
+    used = {(config.test_split or "").lower()}
+    unused = Counter(r.split for r in index.records
+                     if not r.in_training_pool and not r.is_validation and r.split.lower() not in used)
+    return {"validation_given": len(given_val.records) if given_val else 0, "not_used": dict(sorted(unused.items())),
+            "test_dropped": dict(test.dropped) if test is not None else {}}
+
+
 def _split_then_expand(images, labels, groups, names, data_sources, balance: Balance, classes: list[str],
-                       config: TrainConfig):
+                       config: TrainConfig, given_val: np.ndarray | None = None):
     num_classes = len(classes)
-    train_idx, val_idx = grouped_stratified_split(labels, groups, config.val_fraction, split_seed(config), classes)
+    if given_val is not None:  # the data's own validation split
+        train_idx, val_idx = np.flatnonzero(~given_val), np.flatnonzero(given_val)
+    else:
+        train_idx, val_idx = grouped_stratified_split(labels, groups, config.val_fraction, split_seed(config),
+                                                      classes)
     train_images, train_labels = images[train_idx], labels[train_idx]
     sources = np.full(len(train_idx), -1, dtype=np.int64)
-    rows = [{"path": names[i], "label": int(labels[i]), "role": "train", "source": data_sources[i]}
+    rows = [{"path": names[i], "label": int(labels[i]), "role": "train", "source": data_sources[i], "index": i}
             for i in train_idx]
-    rows += [{"path": names[i], "label": int(labels[i]), "role": "val", "source": data_sources[i]} for i in val_idx]
+    rows += [{"path": names[i], "label": int(labels[i]), "role": "val", "source": data_sources[i], "index": i}
+             for i in val_idx]
     if balance.mode == "expand":
         new_images, new_labels, new_sources = expand(train_images, train_labels, balance.copies, num_classes,
                                                      config.seed)
@@ -139,7 +173,8 @@ def _leaky_expand_then_split(images, labels, names, data_sources, balance: Balan
         sources = np.concatenate([sources, new_sources])
     train_idx, val_idx = random_split(len(labels), config.val_fraction, split_seed(config))
     origin = [names[s] + ("" if i < len(names) else " (expanded copy)") for i, s in enumerate(sources)]
-    rows = [{"path": origin[i], "label": int(labels[i]), "role": role, "source": data_sources[sources[i]]}
+    rows = [{"path": origin[i], "label": int(labels[i]), "role": role, "source": data_sources[sources[i]],
+             "index": int(sources[i])}
             for role, part in (("train", train_idx), ("val", val_idx)) for i in part]
     train_sources = np.where(np.arange(len(labels))[train_idx] >= len(names), sources[train_idx], -1)
     return {"train_images": images[train_idx], "train_labels": labels[train_idx], "val_images": images[val_idx],
@@ -185,5 +220,11 @@ def _log_data_summary(summary: dict, log) -> None:
         log(f"clean manifest: dropped {dropped}; relabelled {summary['relabelled']}")
     else:
         log("--no-clean: training on the folders as they are")
-    log(f"train {summary['train']} (of which {summary['expanded_copies']} expanded copies), val {summary['val']}, "
-        f"test {summary['test']} ({summary['test_clean']} not leaked into Train)")
+    log(f"train {summary['train']} (of which {summary['expanded_copies']} expanded copies), val {summary['val']}"
+        + (" (the data's own validation split)" if summary.get("validation_given") else "")
+        + f", test {summary['test']} ({summary['test_clean']} not leaked into Train)")
+    if summary.get("test_dropped"):
+        log("test: not scored " + ", ".join(f"{v} {k}" for k, v in summary["test_dropped"].items())
+            + " (a picture found in two sources is scored once)")
+    if summary.get("not_used"):
+        log("not used: " + ", ".join(f"{v} {k or '(no split)'} image(s)" for k, v in summary["not_used"].items()))

@@ -9,10 +9,14 @@ from typing import Sequence
 import numpy as np
 
 from melanoma.audit import (ACTION_DROP_DUPLICATE, ACTION_DROP_TRAIN_COPY, ACTION_EXCLUDE_CONFLICT,
-                            ACTION_EXCLUDE_UNREADABLE, ACTION_RELABEL)
+                            ACTION_EXCLUDE_DISPUTED, ACTION_EXCLUDE_UNREADABLE, ACTION_RELABEL)
 from melanoma.data import DataError, DatasetIndex, ImageRecord, display_name
 
-DROPPING_ACTIONS = (ACTION_DROP_TRAIN_COPY, ACTION_EXCLUDE_CONFLICT, ACTION_EXCLUDE_UNREADABLE, ACTION_DROP_DUPLICATE)
+DROPPING_ACTIONS = (ACTION_DROP_TRAIN_COPY, ACTION_EXCLUDE_CONFLICT, ACTION_EXCLUDE_UNREADABLE, ACTION_DROP_DUPLICATE,
+                    ACTION_EXCLUDE_DISPUTED)
+# A held-out split is scored as it is, except: an unreadable image, a picture whose sources disagree on its official
+# label, and the second copy of one picture found in two sources (one picture, one vote).
+HELDOUT_DROPPING = (ACTION_EXCLUDE_UNREADABLE, ACTION_EXCLUDE_DISPUTED, ACTION_DROP_DUPLICATE)
 
 
 @dataclass
@@ -38,29 +42,49 @@ def select_training_pool(index: DatasetIndex, manifest: Sequence[dict] | None, r
     return _apply_manifest(pool, manifest, relabel)
 
 
+def select_validation(index: DatasetIndex, manifest: Sequence[dict] | None, relabel: bool = False) -> Selection | None:
+    """The sources' own validation split (val, valid or validation) after the clean-manifest actions; None if none."""
+    records = [r for r in index.records if r.is_validation]
+    return _apply_manifest(records, manifest, relabel) if records else None
+
+
 def select_heldout(index: DatasetIndex, split: str, manifest: Sequence[dict] | None) -> Selection:
-    """A held-out split as it is (never cleaned or relabelled), with each image's leak flag from the audit."""
-    records = index.in_split(split)
-    rows = _rows_by_path(manifest)
-    leaked = [bool(int(rows[display_name(r.rel_path)]["leaked"])) if display_name(r.rel_path) in rows else False
-              for r in records]
-    unreadable = {path for path, row in rows.items() if row["action"] == ACTION_EXCLUDE_UNREADABLE}
-    kept = [(r, leak) for r, leak in zip(records, leaked) if display_name(r.rel_path) not in unreadable]
-    return Selection(records=[r for r, _ in kept], labels=[r.label for r, _ in kept],
-                     groups=[r.image_id for r, _ in kept], leaked=[leak for _, leak in kept])
+    """A held-out split as it is (never cleaned or relabelled), with each image's leak flag from the audit; only the
+    actions of ``HELDOUT_DROPPING`` remove an image, counted in ``dropped``."""
+    selection = Selection(records=[], labels=[], groups=[])
+    rows = rows_by_key(manifest)
+    for record in index.in_split(split):
+        row = rows.get(record_key(record, rows))
+        if row is not None and row["action"] in HELDOUT_DROPPING:
+            selection.dropped[row["action"]] += 1
+            continue
+        selection.records.append(record)
+        selection.labels.append(record.label)
+        selection.groups.append(record.image_id)
+        selection.leaked.append(bool(int(row["leaked"])) if row is not None else False)
+    return selection
 
 
-def _rows_by_path(manifest: Sequence[dict] | None) -> dict[str, dict]:
-    return {row["path"]: row for row in manifest} if manifest else {}
+def rows_by_key(manifest: Sequence[dict] | None) -> dict[str, dict]:
+    """Clean-manifest rows by record key; by path for an audit written before keys existed."""
+    if not manifest:
+        return {}
+    column = "key" if "key" in manifest[0] else "path"
+    return {row[column]: row for row in manifest}
+
+
+def record_key(record: ImageRecord, rows: dict[str, dict]) -> str:
+    """The manifest key of a record: its identity, or its printable path for an audit without keys."""
+    return record.identity if record.identity in rows else display_name(record.rel_path)
 
 
 def _apply_manifest(pool: list[ImageRecord], manifest: Sequence[dict] | None, relabel: bool) -> Selection:
     if manifest is None:
         return Selection(records=pool, labels=[r.label for r in pool], groups=[r.image_id for r in pool])
-    rows = _rows_by_path(manifest)
+    rows = rows_by_key(manifest)
     selection = Selection(records=[], labels=[], groups=[])
     for record in pool:
-        row = rows.get(display_name(record.rel_path))
+        row = rows.get(record_key(record, rows))
         if row is None:
             raise DataError(f"{display_name(record.rel_path)}: not in the audit's clean manifest; "
                             "re-run `melanoma audit` on this data")

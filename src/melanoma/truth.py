@@ -9,13 +9,14 @@ HAM10000, then ISIC 2019, then ISIC 2017), whatever order the files were given i
 """
 from __future__ import annotations
 
-import csv
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
-from melanoma.data import DataError, display_name
+from melanoma.csvfiles import printable, read_csv_rows
+from melanoma.data import ISIC_CLASSES, DataError, display_name
 
 if TYPE_CHECKING:
     from melanoma.data import ImageRecord
@@ -27,6 +28,13 @@ _AKIEC = frozenset({AK, SCC})
 _HAM_DX = {"akiec": AK, "bcc": BCC, "bkl": PBK, "df": DF, "mel": MEL, "nv": NV, "vasc": VASC}
 _ISIC2019 = {"MEL": MEL, "NV": NV, "BCC": BCC, "AK": AK, "BKL": PBK, "DF": DF, "VASC": VASC, "SCC": SCC}
 _PRECEDENCE = {"ham10000": 0, "isic2019": 1, "isic2017": 2}
+_FOLDER_CODES = {code.lower(): label for code, label in _ISIC2019.items()} | _HAM_DX
+ACCEPTED_FOLDER_NAMES = (f"the nine class names ({', '.join(ISIC_CLASSES)}) in any case, with '_' or '-' for "
+                         "spaces, or the ISIC 2019 / HAM10000 codes "
+                         f"{', '.join(sorted(map(str.upper, _FOLDER_CODES)))}")
+# Lesion ids that name one lesion wherever they appear: HAM10000 (HAM_0000118), the ISIC Archive (IL_0000123) and
+# the MSK collections' ids as isic-extra carries them (MSK4_0000123). Any other lesion id is a source's own number.
+_GLOBAL_LESION_ID = re.compile(r"(?:HAM|IL)_\d+|MSK\d*_\d+")
 
 
 @dataclass(frozen=True)
@@ -102,42 +110,72 @@ def with_record_labels(truth: GroundTruth | None, records: Sequence["ImageRecord
     return merged
 
 
+def folder_class(name: str, classes: Iterable[str] = ISIC_CLASSES) -> str | None:
+    """The class a class-folder name stands for, or None: a class name itself, the same in any case with '_' or '-'
+    for spaces (``Melanoma``, ``basal_cell_carcinoma``), or an ISIC 2019 / HAM10000 code (``MEL``, ``nv``,
+    ``AKIEC`` -> actinic keratosis, ``BKL`` -> pigmented benign keratosis, as in ../shared/data/README.md)."""
+    classes = list(classes)
+    if name in classes:
+        return name
+    key = " ".join(name.replace("_", " ").replace("-", " ").split()).lower()
+    label = {c.lower(): c for c in classes}.get(key) or _FOLDER_CODES.get(key.replace(" ", ""))
+    return label if label in classes else None
+
+
+def scoped_lesion_id(lesion_id: str | None, scope: str) -> str | None:
+    """A lesion id as it is compared across sources: a globally meaningful one (``HAM_...``, ``IL_...``,
+    ``MSKn_...``) as it is, any other prefixed with its source (``scope:id``), so that two manifests that each number
+    their lesions 1..n do not make one lesion of two. None for an empty cell."""
+    lesion_id = (lesion_id or "").strip()
+    if not lesion_id:
+        return None
+    return lesion_id if _GLOBAL_LESION_ID.fullmatch(lesion_id) else f"{scope}:{lesion_id}"
+
+
 def _read_truth_file(path: Path) -> tuple[str, list[dict]]:
     if not path.is_file():
         raise DataError(f"{display_name(path)}: truth file not found")
-    try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            columns = set(reader.fieldnames or [])
-            rows = list(reader)
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{display_name(path)}: not UTF-8 CSV ({exc.reason})") from exc
+    names, rows = read_csv_rows(path, "truth file")
+    columns = set(names)
     if {"lesion_id", "image_id", "dx"} <= columns:
         return "ham10000", rows
     if {"image", "MEL", "NV", "BKL"} <= columns:
         return "isic2019", rows
     if {"image_id", "melanoma", "seborrheic_keratosis"} <= columns:
         return "isic2017", rows
-    raise DataError(f"{display_name(path)}: not a known ISIC truth file (columns: {', '.join(sorted(columns))}); "
-                    "expected HAM10000 metadata, ISIC 2019 or ISIC 2017 ground truth")
+    raise DataError(f"{display_name(path)}: not a known ISIC truth file (columns: "
+                    f"{printable(', '.join(sorted(columns)))}); expected HAM10000 metadata, ISIC 2019 or ISIC 2017 "
+                    "ground truth")
+
+
+def _cell(row: dict, column: str) -> str:
+    return (row.get(column) or "").strip()
+
+
+def _score(row: dict, column: str, name: str, line: int) -> float:
+    """A one-hot cell of an ISIC 2019 / 2017 truth file as a number (empty = 0), or a one-line error."""
+    try:
+        return float(_cell(row, column) or 0)
+    except ValueError:
+        raise DataError(f"{name}: row {line}: '{column}' is not a number ('{printable(_cell(row, column))}')") from None
 
 
 def _parse_rows(kind: str, rows: list[dict], name: str):
     for line, row in enumerate(rows, start=2):
         if kind == "ham10000":
-            dx = row["dx"].strip()
+            dx = _cell(row, "dx")
             if dx not in _HAM_DX:
-                raise DataError(f"{name}: row {line}: unknown dx '{dx}'")
+                raise DataError(f"{name}: row {line}: unknown dx '{printable(dx)}'")
             agrees = _AKIEC if dx == "akiec" else None
-            yield row["image_id"].strip(), official(_HAM_DX[dx], name, agrees), row["lesion_id"].strip()
+            yield _cell(row, "image_id"), official(_HAM_DX[dx], name, agrees), _cell(row, "lesion_id")
         elif kind == "isic2019":
-            hot = [column for column in _ISIC2019 if float(row[column] or 0) >= 0.5]
-            yield row["image"].strip(), official(_ISIC2019[hot[0]], name) if len(hot) == 1 else None, None
+            hot = [column for column in _ISIC2019 if _score(row, column, name, line) >= 0.5]
+            yield _cell(row, "image"), official(_ISIC2019[hot[0]], name) if len(hot) == 1 else None, None
         else:
-            if float(row["melanoma"] or 0) >= 0.5:
+            if _score(row, "melanoma", name, line) >= 0.5:
                 label = MEL
-            elif float(row["seborrheic_keratosis"] or 0) >= 0.5:
+            elif _score(row, "seborrheic_keratosis", name, line) >= 0.5:
                 label = SK
             else:
                 label = NV
-            yield row["image_id"].strip(), official(label, name), None
+            yield _cell(row, "image_id"), official(label, name), None
