@@ -9,6 +9,9 @@ Both methods run on the same images in one run:
   sorted into the same ISIC id in two files (must be flagged), the same picture under two ids (checked by eye:
   VERIFIED_SAME_PICTURE; should be flagged), another photo of the same HAM10000 lesion (ideally not flagged; the audit
   groups those by lesion id anyway) and every other pair (different pictures: must not be flagged);
+* turned copies (issue 23: flips, 90-degree turns, Augmentor's rotate-and-crop up to 10 degrees, combinations) of
+  the same N images through ``nearcopy.near_copies``, with and without the turned search (melanoma.nearcopy_views),
+  and what the turned search flags among the real pairs beyond the box search;
 * the margin (farthest real copy vs closest non-copy) and the wall and CPU time of each stage.
 
 Old: pHash (hash_size 16, ImageHash; only in the dev extra, its columns are skipped without it), copies within 20
@@ -18,8 +21,9 @@ flagged cross-id pairs and expects the same pairs and distances.
 
     python benchmarks/near_copies.py [--synthetic 300] [--quick] [--workers 2] [--json FILE]
 
-The full run takes about 1.5 minutes on 2 cores and 2.6 GB of memory (the all-pairs masks). ``--quick``: 60
-synthetic images, and real pairs between course Train and isic-extra only (two-set search, under a minute).
+The full run takes about 100 CPU seconds (2.5-5.5 minutes on 2 cores shared with other jobs) and 2.6 GB of memory (the
+all-pairs masks). ``--quick``: 60 synthetic images, and real pairs between course Train and isic-extra only
+(two-set search, about 45 CPU seconds).
 Timings are indicative when other jobs share the cores; the CPU seconds are the better guide.
 """
 from __future__ import annotations
@@ -37,7 +41,8 @@ import numpy as np
 from PIL import Image, ImageEnhance
 
 from _common import HAM10000_METADATA, default_sources, print_table, write_results
-from melanoma import fingerprints, nearcopy
+from melanoma import fingerprints, nearcopy, nearcopy_views
+from melanoma.balance import augmentor_rotate
 from melanoma.data import decode_image
 from melanoma.sources import load_dataset
 
@@ -87,6 +92,8 @@ REVIEWED = {
     ("ISIC_0000433", "ISIC_0009896"): ONE_LESION + " (a hair in one only)",
     ("ISIC_0011126", "ISIC_0001131"): "one lesion, hairs match but not the geometry: maybe a distorted re-scan",
     ("ISIC_0000314", "ISIC_0000367"): "different lesions sharing one dermoscope field (circle and bar)",
+    ("ISIC_0015102", "ISIC_0015353"): ONE_LESION + ", mirrored left-right (outline and notches match, colour "
+                                                   "differs); found by the turned search",
 }
 REVIEWED = {frozenset(pair): note for pair, note in REVIEWED.items()}
 
@@ -173,6 +180,39 @@ TRANSFORMS = {  # name: f(rgb, rng); the order fixes each copy's seed
 }
 
 
+
+def _rotate_crop(a: np.ndarray, angle: float) -> np.ndarray:
+    """Augmentor's rotate at a given angle (as balance.augmentor_rotate): rotate, crop the largest inner rectangle,
+    resize back."""
+    h, w = a.shape[:2]
+    rotated = Image.fromarray(a).rotate(angle, resample=Image.Resampling.BICUBIC, expand=True)
+    scale = 1.0 / (np.cos(np.deg2rad(abs(angle))) + np.sin(np.deg2rad(abs(angle))) * max(w, h) / min(w, h))
+    left, top = (rotated.width - w * scale) / 2, (rotated.height - h * scale) / 2
+    box = tuple(int(round(v)) for v in (left, top, left + w * scale, top + h * scale))
+    return np.asarray(rotated.crop(box).resize((w, h), Image.Resampling.BICUBIC))
+
+
+def _augmentor(a: np.ndarray, r: np.random.Generator, low: float = 0.0) -> np.ndarray:
+    """Augmentor's rotate: balance.augmentor_rotate itself (uniform -10..10 degrees), or low..10 degrees either way."""
+    if not low:
+        return augmentor_rotate(np.ascontiguousarray(a), r, max_degrees=10.0, probability=1.0)
+    return _rotate_crop(np.ascontiguousarray(a), r.uniform(low, 10.0) * r.choice([-1, 1]))
+
+
+TURNED = {  # copies the box search cannot see (issue 23 item 10): the course notebooks' Augmentor copies
+    "flip left-right": lambda a, r: a[:, ::-1],
+    "flip top-bottom": lambda a, r: a[::-1],
+    "turn 90": lambda a, r: np.rot90(a),
+    "turn 180": lambda a, r: np.rot90(a, 2),
+    "turn 270": lambda a, r: np.rot90(a, 3),
+    "transpose": lambda a, r: a.transpose(1, 0, 2),
+    "Augmentor rotate 0-10 deg either way, cropped": lambda a, r: _augmentor(a, r),
+    "Augmentor rotate 5-10 deg either way, cropped": lambda a, r: _augmentor(a, r, 5.0),
+    "flip + Augmentor rotate 0-10 deg": lambda a, r: _augmentor(a[:, ::-1], r),
+    "turn 90 + Augmentor rotate 0-10 deg + JPEG q75": lambda a, r: _jpeg(_augmentor(np.rot90(a), r), 75),
+    "flip + colour shift + JPEG q75": lambda a, r: _jpeg(_colour(np.ascontiguousarray(a[:, ::-1]), r), 75),
+}
+
 # ----------------------------------------------------------------------------------------------------- helpers
 @contextmanager
 def timed(timings: dict, name: str):
@@ -243,6 +283,66 @@ def synthetic_recall(data: dict, count: int, prints, old, workers: int) -> tuple
     if old is not None:
         overall["old_recall"] = float(np.mean(np.concatenate(old_all) <= OLD_BITS))
     return rows, overall
+
+
+def turned_recall(data: dict, count: int, prints, workers: int) -> tuple[list[dict], dict]:
+    """Each TURNED transform of each sampled Train image against its original, through nearcopy.near_copies (two
+    sets, copies x originals): without the turned search (the box search alone) and with it."""
+    sources = np.random.default_rng(SEED).choice(np.flatnonzero(data["kinds"] == "train"), count, replace=False)
+    originals = prints[sources]
+    rows, found_all = [], []
+    for t_index, (name, transform) in enumerate(TURNED.items()):
+        copies = [np.ascontiguousarray(transform(data["arrays"][k], np.random.default_rng(SEED * 1000 + 77 + t_index
+                                                                                         * count + m)))
+                  for m, k in enumerate(sources)]
+        copied = nearcopy.fingerprint_many(copies, workers=workers)
+        row = {"transform": name, "copies": count}
+        for label, turned in (("box search only", False), ("with turned search", True)):
+            found = {i: d for i, j, d in nearcopy.near_copies(copied, originals, workers=workers, turned=turned)
+                     if i == j}
+            row[f"recall, {label}"] = len(found) / count
+            if turned:
+                d = np.array([found.get(m, FAR) for m in range(count)])
+                row |= {"p95": float(np.percentile(d, 95)), "max": float(d.max())}
+                found_all.append(len(found))
+        rows.append(row)
+    return rows, {"copies": count * len(TURNED), "recall": sum(found_all) / (count * len(TURNED))}
+
+
+def _category(data: dict, a: int, b: int) -> str:
+    ids, lesions = data["ids"], data["lesions"]
+    if ids[a] == ids[b]:
+        return "same id"
+    if frozenset((ids[a], ids[b])) in {frozenset(p) for p in VERIFIED_SAME_PICTURE}:
+        return "same picture, other id (verified)"
+    if lesions[a] and lesions[a] == lesions[b]:
+        return "same lesion, other photo"
+    return "different pictures"
+
+
+def real_turned(data: dict, prints, real: dict, workers: int, timings: dict) -> dict:
+    """The turned search over all images as one set (or course Train x isic-extra with --quick): pairs it flags
+    that the box search did not, by category."""
+    if real["two_sets"]:
+        rows, cols = np.flatnonzero(data["kinds"] == "train"), np.flatnonzero(data["kinds"] == "extra")
+        with timed(timings, "new: turned search (views, stage 1, stage 2), course Train x isic-extra"):
+            turned = nearcopy.turned_pairs(prints[rows], prints[cols], {}, workers)
+        turned = {_key(rows[i], cols[j]): d for (i, j), d in turned.items()}
+    else:
+        with timed(timings, "new: turned search (views, stage 1, stage 2), all images as one set"):
+            turned = nearcopy.turned_pairs(prints, None, {}, workers)
+    flagged = {pair: d for pair, d in turned.items() if d <= nearcopy.THRESHOLD}
+    added = {pair: d for pair, d in flagged.items() if pair not in real["_new_flagged"]}
+    counts: dict = defaultdict(lambda: {"verified": 0, "flagged": 0, "added to the box search": 0})
+    for pair, d in turned.items():
+        c = counts[_category(data, *pair)]
+        c["verified"] += 1
+        c["flagged"] += int(d <= nearcopy.THRESHOLD)
+        c["added to the box search"] += int(pair in added)
+    listed = [_describe(data, a, b, d, None) | {"category": _category(data, a, b)} for (a, b), d in added.items()]
+    return {"_added": added, "candidates_verified": len(turned),
+            "by_category": [{"category": k} | v for k, v in counts.items()],
+            "added_pairs": sorted(listed, key=lambda r: r["new_distance"])}
 
 
 def pair_masks(data: dict, rows: np.ndarray, cols: np.ndarray, one_set: bool) -> tuple[dict, dict]:
@@ -427,6 +527,10 @@ def main() -> None:
             timings[f"{method}: total"] = {u: round(sum(v[u] for v in steps), 2) for u in ("wall_s", "cpu_s")}
     with timed(timings, f"synthetic copies, {count} images x {len(TRANSFORMS)} transforms (both methods)"):
         synthetic, overall = synthetic_recall(data, count, prints, old, args.workers)
+    with timed(timings, f"turned copies, {count} images x {len(TURNED)} transforms"):
+        turned_rows, turned_overall = turned_recall(data, count, prints, args.workers)
+    turned_real = real_turned(data, prints, real, args.workers, timings)
+    real["_new_flagged"] |= turned_real.pop("_added")   # what the audit's entry point (box + turned search) flags
     check = audit_path_check(data, real, args.workers)
     load_after = os.getloadavg()[0]
 
@@ -437,6 +541,16 @@ def main() -> None:
     print_table(synthetic + [{"transform": f"all {overall['copies']:,}", "old recall": overall.get("old_recall"),
                               "new recall": overall["new_recall"]}], [c for c in columns if old is not None
                                                                       or not c.startswith("old")])
+    print(f"\nTurned copies of {count} course-Train images through nearcopy.near_copies (flagged <= "
+          f"{nearcopy.THRESHOLD}), box search alone and with the turned search (nearcopy_views)")
+    columns = ["transform", "recall, box search only", "recall, with turned search", "p95", "max"]
+    print_table(turned_rows + [{"transform": f"all {turned_overall['copies']:,}",
+                                "recall, with turned search": turned_overall["recall"]}], columns)
+    print(f"\nTurned search on real pairs ({real['pairs_searched']}): {turned_real['candidates_verified']:,} "
+          "candidates verified")
+    print_table(turned_real["by_category"], ["category", "verified", "flagged", "added to the box search"])
+    if turned_real["added_pairs"]:
+        print_table(turned_real["added_pairs"], ["a", "b", "category", "new_distance", "note"])
     print(f"\nReal pairs: {real['pairs_searched']}; new stage 1 proposes {real['stage1_candidates']:,}")
     columns = ["category", "scope", "pairs", "old flagged", "new flagged", "old min", "old max", "new min", "new max"]
     print_table(real["categories"], [c for c in columns if old is not None or not c.startswith("old")])
@@ -464,11 +578,13 @@ def main() -> None:
     del real["_new_flagged"]
     write_results("near_copies", {
         "date": time.strftime("%Y-%m-%d"),
-        "config": {"quick": args.quick, "synthetic_images": count, "seed": SEED, "workers": args.workers,
+        "config": {"quick": args.quick, "turned_views": len(nearcopy_views.VIEWS), "turned_angles":
+                   list(nearcopy_views.ANGLES), "synthetic_images": count, "seed": SEED, "workers": args.workers,
                    "new_threshold": nearcopy.THRESHOLD, "new_candidate_score": nearcopy.CANDIDATE_SCORE,
                    "new_prefilter_bits": nearcopy.PREFILTER_BITS, "old_bits": OLD_BITS if old is not None else None,
                    "images": {k: int((data["kinds"] == k).sum()) for k in ("train", "test", "extra")}},
-        "synthetic": synthetic, "synthetic_overall": overall, "real_pairs": real, "margin": margin,
+        "synthetic": synthetic, "synthetic_overall": overall, "turned": turned_rows, "turned_overall": turned_overall,
+        "turned_real_pairs": turned_real, "real_pairs": real, "margin": margin,
         "audit_entry_point_check": check, "timing": timings, "note": note,
         "total_runtime_s": round(time.perf_counter() - started, 1)}, args.json)
 

@@ -13,14 +13,14 @@ values). A crop of the original is then, in base coordinates, an axis-aligned bo
    and direction (one image's whole-image hash against the other's 36 box hashes) numpy XOR + popcount finds the
    box closest in the intensity word; the pair goes on when that is within :data:`PREFILTER_BITS` and
    ``2 x intensity bits + gradient bits`` at that box is within :data:`CANDIDATE_SCORE` (~30k of 36.6M pairs here).
-2. **Alignment and verification (stage 2, candidates only).** Starting from that box, Gauss-Newton refines the four
-   box edges to maximise the correlation of the two bases (16x16, 32x32), then of their band-pass detail (64x64, for
-   pairs still in reach); the box of the other image is
-   resampled at 64x64 and two similarities are measured: ``structure`` (correlation of the blurred 32x32 bases) and
-   ``detail`` (median over 16x16 tiles of the correlation of band-pass detail, DoG 0.7-2 px). Different lesions that
-   merely share a layout or a dermoscope frame match in structure but not in detail; copies match in both.
+2. **Alignment and verification (stage 2, candidates only).** From that box, Gauss-Newton refines the four box
+   edges to maximise the correlation of the two bases (16x16, 32x32), then of their band-pass detail (64x64, pairs
+   still in reach); the other image's box is resampled at 64x64 and two similarities measured: ``structure``
+   (correlation of the blurred 32x32 bases) and ``detail`` (median over 16x16 tiles of the correlation of band-pass
+   detail, DoG 0.7-2 px). Different lesions sharing a layout or a dermoscope frame match in structure, not detail.
 
-The distance returned for a pair is ``1 - min(structure, detail)``; :data:`THRESHOLD` is the recommended cut.
+Flipped, 90-degree-turned and slightly rotated (+-10 degrees, cropped) copies are searched by
+:mod:`melanoma.nearcopy_views` and verified here. A pair's distance is ``1 - min(structure, detail)``; see THRESHOLD.
 """
 from __future__ import annotations
 
@@ -291,12 +291,11 @@ def _pyramid(bases: np.ndarray) -> _Pyramid:
         m = _blur_matrix(size, sigma) @ _area_matrix(BASE, size)
         return m @ x @ m.T
 
-    with_grads = _with_grads
     b07, b20 = _blur_matrix(BASE, 0.7), _blur_matrix(BASE, 2.0)
     dog = (b07 @ x @ b07.T - b20 @ x @ b20.T)[:, None]
     t = torch.from_numpy
-    return _Pyramid(q16=t(level(16, 1.0)), q32=t(level(32, 1.0)), r20=t(with_grads(level(20, 1.0))),
-                    r40=t(with_grads(level(40, 1.0))), dog=t(np.ascontiguousarray(dog)),
+    return _Pyramid(q16=t(level(16, 1.0)), q32=t(level(32, 1.0)), r20=t(_with_grads(level(20, 1.0))),
+                    r40=t(_with_grads(level(40, 1.0))), dog=t(np.ascontiguousarray(dog)),
                     fine=np.ascontiguousarray(dog[:, 0]))
 
 
@@ -461,16 +460,40 @@ def distance(structure: np.ndarray, detail: np.ndarray) -> np.ndarray:
     return 1.0 - np.minimum(structure, detail)
 
 
-def near_copies(a: Fingerprints, b: Fingerprints | None = None, threshold: float = THRESHOLD,
-                max_score: int = CANDIDATE_SCORE, workers: int = 2) -> list[tuple[int, int, float]]:
+def near_copies(a: Fingerprints, b: Fingerprints | None = None, threshold: float = THRESHOLD, max_score: int =
+                CANDIDATE_SCORE, workers: int = 2, turned: bool = True) -> list[tuple[int, int, float]]:
     """All near-copy pairs (i, j, distance) within one set (i < j) or between two sets, with distance <= threshold.
 
-    ``a``/``b`` come from :func:`fingerprint_many`; i indexes ``a``, j indexes ``b`` (or ``a`` again).
+    ``a``/``b`` come from :func:`fingerprint_many`; i indexes ``a``, j indexes ``b`` (or ``a`` again). With
+    ``turned``, flipped, 90-degree-turned and +-10-degree-rotated-and-cropped copies too (melanoma.nearcopy_views).
     """
     cand = candidate_pairs(a, b, max_score=max_score, workers=workers)
-    if len(cand.i) == 0:
-        return []
-    structure, detail, _ = verify(a, a if b is None else b, cand, workers=workers)
-    dist = distance(structure, detail)
-    keep = np.nonzero(dist <= threshold)[0]
-    return [(int(cand.i[k]), int(cand.j[k]), float(dist[k])) for k in keep]
+    found: dict[tuple[int, int], float] = {}
+    if len(cand.i):
+        dist = distance(*verify(a, a if b is None else b, cand, workers=workers)[:2])
+        found = {(int(cand.i[k]), int(cand.j[k])): float(dist[k]) for k in np.nonzero(dist <= threshold)[0]}
+    if turned:
+        found |= {pair: d for pair, d in turned_pairs(a, b, found, workers).items() if d <= threshold}  # new pairs only
+    return [(i, j, d) for (i, j), d in sorted(found.items())]
+
+
+def turned_pairs(a: Fingerprints, b: Fingerprints | None, found: dict, workers: int) -> dict[tuple[int, int], float]:
+    """Distances of the turned-copy candidates (melanoma.nearcopy_views) not in ``found``, keyed as near_copies:
+    the unturned image is aligned within the rendered view of the other (each way that stage 1 matched)."""
+    from melanoma import nearcopy_views as views
+    out: dict[tuple[int, int], float] = {}
+    for ref_in_a, ref, query, view in views.turned_candidates(a.bases, None if b is None else b.bases, workers):
+        ref_set, query_set = (a, a if b is None else b) if ref_in_a else (b, a)
+        pairs = [(int(r), int(q)) if ref_in_a else (int(q), int(r)) for r, q in zip(ref, query)]
+        pairs = [(min(p), max(p)) for p in pairs] if b is None else pairs
+        todo = np.array([k for k, p in enumerate(pairs) if p not in found], np.int64)   # both ways when both match
+        if not len(todo):
+            continue
+        rendered = views.best_views(ref_set.bases[ref[todo]], query_set.bases[query[todo]], view[todo])
+        k, never = np.arange(len(todo)), np.full(len(todo), 999, np.int32)
+        box, empty = np.full(len(todo), FULL_BOX, np.uint8), np.zeros((len(todo), len(BOXES), 2), np.uint64)
+        st, de, _ = verify(Fingerprints(empty, query_set.bases[query[todo]]), Fingerprints(empty, rendered),
+                           Candidates(k, k, 0 * never, 0 * never, box, never, box), workers=workers)
+        for t, d in zip(todo, distance(st, de)):
+            out[pairs[t]] = min(float(d), out.get(pairs[t], 2.0))
+    return out
