@@ -153,7 +153,12 @@ def test_existing_folder_is_refused_then_overwritten(tiny, tmp_path):
     with pytest.raises(RunError, match="already exists; pass --overwrite"):
         train(_config(tiny, out), log=lambda *_: None)
     assert (out / "keep.txt").read_text() == "precious"
-    train(_config(tiny, out, epochs=1, overwrite=True), log=lambda *_: None)
+    with pytest.raises(RunError, match="not a run folder"):  # --overwrite replaces only a run folder (issue 23)
+        train(_config(tiny, out, epochs=1, overwrite=True), log=lambda *_: None)
+    (out / "keep.txt").unlink()
+    train(_config(tiny, out, epochs=1, overwrite=True), log=lambda *_: None)  # an empty folder
+    (out / "keep.txt").write_text("left in a run folder")
+    train(_config(tiny, out, epochs=1, overwrite=True), log=lambda *_: None)  # a run folder
     assert not (out / "keep.txt").exists() and (out / "metrics.json").is_file()
 
 
@@ -210,13 +215,13 @@ def test_validation_is_also_scored_within_each_acquisition_era():
 
     from melanoma.scoring import validation_by_era
 
-    names = [f"melanoma/ISIC_{i:07d}.jpg" for i in (1, 2, 3, 4, 24001, 24002, 24003, 24004)]
+    names = [f"melanoma/ISIC_{i:07d}.jpg" for i in (1, 2, 3, 4, 54001, 54002, 54003, 54004)]
     labels = np.array([0, 0, 1, 1, 0, 1, 1, 2])
     probs = np.random.default_rng(0).dirichlet(np.ones(3), size=8)
     data = SimpleNamespace(classes=list(CLASSES), val_labels=labels,
                            split_rows=[{"path": n, "role": "val"} for n in names] + [{"path": "x", "role": "train"}])
     by_era = validation_by_era(data, probs, threshold=0.5)
-    assert list(by_era) == ["archive 2016-17", "later"] and [m["n"] for m in by_era.values()] == [4, 4]
+    assert list(by_era) == ["2016-17 archive", "later"] and [m["n"] for m in by_era.values()] == [4, 4]
     assert by_era["later"]["melanoma"]["auc"] == pytest.approx(roc_auc_score(labels[4:] == 0, probs[4:, 0]))
     data.split_rows = [{"path": n, "role": "val"} for n in names[:4] * 2]
     assert validation_by_era(data, probs, threshold=0.5) == {}  # one era: nothing to add

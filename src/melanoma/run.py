@@ -31,6 +31,7 @@ from torch import nn
 from melanoma.data import display_name
 from melanoma.io import atomic_write_bytes, read_json
 from melanoma.models import ModelSpec, build_model
+from melanoma.run_guards import RunError, check_replaceable, config_json_problem
 
 CONFIG = "config.json"
 METRICS = "metrics.json"
@@ -40,10 +41,6 @@ BEST = "best.pt"
 LAST = "last.ckpt"
 ONNX_FILE = "model.onnx"
 CHECKPOINT_FORMAT = "melanoma-checkpoint-v1"
-
-
-class RunError(RuntimeError):
-    """A run that cannot start, continue or be loaded as asked; nothing already written has been touched."""
 
 
 class RunInterrupted(Exception):
@@ -71,6 +68,7 @@ def prepare_run_dir(out: str | os.PathLike, resume: bool, overwrite: bool) -> Pa
     if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
         raise RunError(f"{display_name(run_dir)} already exists; pass --overwrite to replace it or --resume to "
                        "continue it")
+    check_replaceable(run_dir)
     return run_dir
 
 
@@ -128,6 +126,7 @@ def promote_staging(staging: Path, run_dir: Path, overwrite: bool) -> Path:
     if run_dir.exists():
         if not overwrite and any(run_dir.iterdir()):
             raise RunError(f"{display_name(run_dir)} appeared while starting; not overwriting it")
+        check_replaceable(run_dir)  # it may have changed while the data was read
         shutil.rmtree(run_dir)
     os.replace(staging, run_dir)
     return run_dir
@@ -145,6 +144,9 @@ def read_run_json(path: Path, require: str | None = None) -> dict:
     if not isinstance(payload, dict) or (require is not None and not isinstance(payload.get(require), dict)):
         raise RunError(f"{display_name(path)}: not a melanoma {path.name}"
                        + (f" (no '{require}' section)" if require else ""))
+    if path.name == CONFIG and (problem := config_json_problem(payload)):
+        raise RunError(f"{display_name(path)}: {problem}; the file is damaged (restore it, or start again with "
+                       "--overwrite)")
     return payload
 
 
@@ -152,11 +154,16 @@ def read_history(run_dir: Path) -> list[dict]:
     path = run_dir / HISTORY
     if not path.is_file():
         return []
-    with open(path, newline="", encoding="utf-8") as handle:
-        rows = [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()}
-                for row in csv.DictReader(handle)]
-    for row in rows:
-        row["epoch"] = int(row["epoch"])
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()}
+                    for row in csv.DictReader(handle)]
+        for row in rows:
+            row["epoch"] = int(row["epoch"])
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError) as exc:
+        reason = f"no {exc} column" if isinstance(exc, KeyError) else str(exc).splitlines()[0][:120]
+        raise RunError(f"{display_name(path)}: not a melanoma {HISTORY} ({reason}); the run folder is damaged") \
+            from None
     return rows
 
 
@@ -182,12 +189,31 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise RunError(f"{display_name(path)}: checkpoint not found")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = _torch_load(path)
     except Exception as exc:  # truncated zip, pickle error, not a torch file: all mean the same to the user
-        raise RunError(f"{display_name(path)}: not a readable checkpoint (corrupt or truncated?): {exc}") from exc
+        raise RunError(f"{display_name(path)}: not a readable checkpoint (corrupt or truncated?): "
+                       f"{torch_load_reason(exc)}") from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise RunError(f"{display_name(path)}: not a melanoma checkpoint")
+    if not isinstance(payload.get("spec"), dict) or not isinstance(payload.get("model_state"), dict) \
+            or not isinstance(payload.get("classes"), list) or not all(isinstance(c, str) for c in payload["classes"]):
+        raise RunError(f"{display_name(path)}: not a melanoma checkpoint (its spec, weights or classes are missing)")
     return payload
+
+
+def _torch_load(path: Path):
+    with warnings.catch_warnings():  # torch's pickle-protocol warnings for a foreign file: the error says enough
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def torch_load_reason(exc: BaseException) -> str:
+    """One line for why ``torch.load(weights_only=True)`` refused a file, instead of torch's paragraph of advice."""
+    text = str(exc)
+    if "Weights only load failed" in text:
+        return "it holds Python objects, not only tensors (not a checkpoint written by this tool)"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first[:160]}" if first else type(exc).__name__
 
 
 def model_from_checkpoint(payload: dict) -> tuple[nn.Module, ModelSpec]:
@@ -204,10 +230,10 @@ def check_resumable(last: Path) -> None:
     if not last.is_file():
         raise RunError(f"{display_name(last)}: no checkpoint to resume from")
     try:
-        torch.load(last, map_location="cpu", weights_only=True)
+        _torch_load(last)
     except Exception as exc:
-        raise RunError(f"{display_name(last)}: checkpoint is corrupt or truncated ({exc}); nothing was changed. "
-                       "Start again with --overwrite") from exc
+        raise RunError(f"{display_name(last)}: checkpoint is corrupt or truncated ({torch_load_reason(exc)}); "
+                       "nothing was changed. Start again with --overwrite") from exc
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -234,12 +260,14 @@ class Run:
     session: object = None          # the onnxruntime session when backend == "onnx"
     calibration: dict | None = None
     device: str = "cpu"             # where the PyTorch backend runs ("cuda:1", ...)
+    gate: object = None             # the fitted out-of-distribution gate (melanoma.ood.OODGate), or None
 
     @classmethod
     def load(cls, path: str | os.PathLike, threshold: float | None = None, backend: str = "auto",
-             threads: int | None = None, device: str = "cpu") -> "Run":
+             threads: int | None = None, device: str = "cpu", gate: bool = True) -> "Run":
         """Load a run; ``backend`` auto uses onnxruntime when the run has model.onnx (and ``device`` is the CPU),
-        PyTorch otherwise."""
+        PyTorch otherwise. With ``gate`` its out-of-distribution gate is loaded too (a one-line notice when the
+        run has none; a RunError when it belongs to another model)."""
         path = Path(path)
         if not (path / CONFIG).is_file():
             raise RunError(f"{display_name(path)}: not a run folder (no {CONFIG})")
@@ -259,12 +287,28 @@ class Run:
         if run.calibration is None:
             warnings.warn(f"{display_name(path)} has no calibration ({METRICS} without a temperature); "
                           "predicting with uncalibrated probabilities", stacklevel=2)
+        checkpoint_sha256 = file_sha256(checkpoint)
+        if gate:
+            from melanoma.ood import GateError, load_gate_with_notice
+
+            try:
+                run.gate = load_gate_with_notice(path, checkpoint_sha256)
+            except GateError as exc:
+                raise RunError(str(exc)) from exc
         onnx_path = path / ONNX_FILE
         if backend == "onnx" or (backend == "auto" and onnx_path.is_file() and device == "cpu"):
             if not onnx_path.is_file():
                 raise RunError(f"{display_name(path)}: no {ONNX_FILE}; run `melanoma export {display_name(path)}`")
-            run.session = load_onnx_session(onnx_path, run.classes, run.image_size, threads,
-                                            checkpoint_sha256=file_sha256(checkpoint))
+            session = load_onnx_session(onnx_path, run.classes, run.image_size, threads,
+                                        checkpoint_sha256=checkpoint_sha256)
+            if run.gate is not None and "features" not in {o.name for o in session.get_outputs()}:
+                message = (f"{display_name(onnx_path)} predates the out-of-distribution gate (no 'features' output); "
+                           f"re-export with `melanoma export {display_name(path)}`")
+                if backend == "onnx":
+                    raise RunError(message)
+                warnings.warn(message + "; predicting with PyTorch meanwhile", stacklevel=2)
+                return run
+            run.session = session
             run.backend = "onnx"
         return run
 
@@ -274,18 +318,30 @@ class Run:
 
     def probabilities(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """Calibrated class probabilities (the run's temperature applied) from either backend."""
+        return self.answers(images, batch_size).probabilities
+
+    def answers(self, images: np.ndarray, batch_size: int = 32):
+        """Calibrated probabilities and, with a gate, each image's out-of-distribution score and decision: all from
+        the same model call (the gate reads the pooled features of the plain view)."""
         from melanoma.calibration import apply_temperature
-        from melanoma.probabilities import predict_probabilities, probabilities_with
+        from melanoma.probabilities import Answers, outputs_with, torch_forward
 
         if self.backend == "onnx":
-            def forward(pixels: torch.Tensor) -> np.ndarray:
-                return self.session.run(None, {"pixels": pixels.numpy()})[0]
+            names = [output.name for output in self.session.get_outputs()]
 
-            raw = probabilities_with(forward, images, self.image_size, batch_size=batch_size, tta=self.tta)
+            def forward(pixels: torch.Tensor):
+                values = dict(zip(names, self.session.run(None, {"pixels": pixels.numpy()})))
+                return values["probabilities"], values.get("features"), values.get("logits")
+
+            outputs = outputs_with(forward, images, self.image_size, batch_size=batch_size, tta=self.tta)
         else:
-            raw = predict_probabilities(self.model, images, self.image_size, batch_size=batch_size, tta=self.tta,
-                                        device=self.device)
-        return apply_temperature(raw, self.temperature) if self.temperature != 1.0 else raw
+            outputs = outputs_with(torch_forward(self.model, self.device), images, self.image_size,
+                                   batch_size=batch_size, tta=self.tta)
+        raw = outputs.probabilities
+        answers = Answers(apply_temperature(raw, self.temperature) if self.temperature != 1.0 else raw)
+        if self.gate is not None and len(raw):
+            answers.ood_scores, answers.in_distribution = self.gate.decide(outputs.features, outputs.logits)
+        return answers
 
 
 def _checked_calibration(calibration, source: Path) -> dict | None:

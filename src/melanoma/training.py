@@ -9,8 +9,11 @@ alert threshold, Test metrics, report) in :mod:`melanoma.scoring`.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import sys
+import time
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -26,8 +29,10 @@ from melanoma.io import write_csv, write_json
 from melanoma.loop import build_trainer, seed_everything
 from melanoma.models import Classifier, ModelSpec, build_model
 from melanoma.prepare import PreparedData, prepare_data
-from melanoma.run import (CHECKPOINT_DIR, CONFIG, LAST, RunInterrupted, check_resumable, prepare_run_dir,
-                          promote_staging, read_history, run_folder_lock, staging_dir)
+from melanoma.run import (CHECKPOINT_DIR, CONFIG, LAST, RunError, RunInterrupted, check_resumable,
+                          file_sha256, prepare_run_dir, promote_staging, read_history, read_run_json,
+                          run_folder_lock, staging_dir)
+from melanoma.run_guards import check_run_output
 from melanoma.scoring import finish_run
 
 
@@ -41,6 +46,8 @@ def train(config: TrainConfig, log=print) -> Path:
     # In a distributed run every process runs this function; only the first may create or change the run folder.
     writer = is_launch_rank_zero()
     run_dir = Path(config.out)
+    if writer and not config.resume:
+        check_run_output(run_dir, input_paths(config), config.overwrite)
     with run_folder_lock(run_dir) if writer else nullcontext():
         if writer:
             prepare_run_dir(run_dir, config.resume, config.overwrite)
@@ -52,6 +59,9 @@ def _train_into(run_dir: Path, config: TrainConfig, writer: bool, log) -> None:
     last = run_dir / CHECKPOINT_DIR / LAST
     if config.resume:
         check_resumable(last)
+    fingerprint = data_fingerprint(config) if writer else None
+    if writer and config.resume:
+        check_same_data(run_dir, fingerprint, log)
     seed_everything(config.seed)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -64,8 +74,10 @@ def _train_into(run_dir: Path, config: TrainConfig, writer: bool, log) -> None:
         spec = build_spec(config, num_classes=len(data.classes))
         model = _initial_model(spec, config, pretrained, log)
         if writer and not config.resume:
-            _write_run_header(staging, config, spec, data)
+            _write_run_header(staging, config, spec, data, fingerprint)
             promote_staging(staging, run_dir, config.overwrite)
+        elif writer:
+            record_resume(run_dir, config, fingerprint)
     except BaseException:
         if staging is not None and not config.resume:
             shutil.rmtree(staging, ignore_errors=True)  # a failed start leaves nothing behind
@@ -112,13 +124,75 @@ def _initial_model(spec: ModelSpec, config: TrainConfig, pretrained, log) -> Cla
     return model.to(memory_format=torch.channels_last)
 
 
-def _write_run_header(run_dir: Path, config: TrainConfig, spec: ModelSpec, data: PreparedData) -> None:
+def _write_run_header(run_dir: Path, config: TrainConfig, spec: ModelSpec, data: PreparedData,
+                      fingerprint: str | None) -> None:
     write_json(run_dir / CONFIG, {
         "config": asdict(config), "model": spec.to_dict(), "classes": data.classes,
         "preprocessing": {"image_size": spec.image_size, "input": "RGB uint8 resized (bicubic/antialiased) to "
                           f"{spec.image_size}x{spec.image_size}, as float pixels in [0, 255]",
                           "normalization_inside_model": {"mean": spec.mean, "std": spec.std}},
-        "environment": environment(), "command": " ".join(sys.argv)})
+        "environment": environment(), "command": " ".join(sys.argv), "data_fingerprint": fingerprint})
     write_json(run_dir / "data.json", data.summary)
-    write_csv(run_dir / "split.csv", data.split_rows, ["path", "label", "role", "source"])
+    write_csv(run_dir / "split.csv", data.split_rows, ["path", "label", "role", "source", "key"])
     (run_dir / CHECKPOINT_DIR).mkdir(exist_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the run reads, and the same data on --resume
+
+
+def input_paths(config: TrainConfig) -> list[str]:
+    """Every file or folder the run reads: data sources, the audit it follows and the truth files."""
+    return [*config.data, *([config.audit] if config.audit else []), *(config.truth or [])]
+
+
+def data_fingerprint(config: TrainConfig) -> str:
+    """SHA-256 over what the run is made from: every image's name, label, split and file bytes (so a copied data
+    folder keeps its fingerprint, an edited, added, moved or relabelled image changes it), and the bytes of the audit
+    manifest and truth files it follows."""
+    from melanoma.sources import load_dataset
+
+    index = load_dataset(config.data, image_root=config.image_root)
+    entries = sorted((record.rel_path, record.label, record.split, _content_hash(record.path))
+                     for record in index.records)
+    digest = hashlib.sha256(json.dumps(entries).encode("utf-8", errors="surrogateescape"))
+    extra = [Path(config.audit) / "clean_manifest.csv" if Path(config.audit).is_dir() else Path(config.audit)] \
+        if config.audit else []
+    for path in [*extra, *(Path(p) for p in config.truth or [])]:
+        if path.is_file():
+            digest.update(f"{path.name}:{file_sha256(path)}".encode("utf-8", errors="surrogateescape"))
+    return digest.hexdigest()
+
+
+def _content_hash(path: Path) -> str:
+    try:
+        return file_sha256(path)
+    except OSError as exc:  # an unreadable image is skipped by training, and counts as such here
+        return f"unreadable: {exc.strerror or exc}"
+
+
+def check_same_data(run_dir: Path, fingerprint: str | None, log) -> None:
+    """--resume continues on the data the run started with, or not at all (split.csv would describe other data)."""
+    saved = read_run_json(run_dir / CONFIG, require="config").get("data_fingerprint")
+    if saved is None:
+        log(f"note: {run_dir} predates data fingerprints; its data cannot be checked for changes")
+    elif fingerprint != saved:
+        raise RunError(f"{run_dir}: the data changed since this run started (images, labels, audit or truth files "
+                       "differ from its data fingerprint); nothing was changed. Start a new run with another --out")
+
+
+def record_resume(run_dir: Path, config: TrainConfig, fingerprint: str | None) -> None:
+    """config.json after --resume: the settings it now runs with, the command, and one entry per resume saying when,
+    how and what changed."""
+    header = read_run_json(run_dir / CONFIG, require="config")
+    before, after = header["config"], asdict(config)
+    changed = {name: {"from": before.get(name), "to": value} for name, value in after.items()
+               if before.get(name) != value and name != "resume"}
+    command = " ".join(sys.argv)
+    header.setdefault("first_command", header.get("command", ""))
+    header.update(config=after, command=command)
+    if header.get("data_fingerprint") is None:  # a run from before fingerprints gains one now
+        header["data_fingerprint"] = fingerprint
+    header["resumes"] = [*header.get("resumes", []), {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                                      "command": command, "changed": changed}]
+    write_json(run_dir / CONFIG, header)
