@@ -79,3 +79,22 @@ def test_page_uploads_an_image_and_shows_the_result(browser, run_dir, tmp_path):
         overlay = browser.find_element("id", "gradcam")
         assert browser.execute_script("return arguments[0].naturalWidth", overlay) > 0
         _screenshot(browser, "serve_page.png")
+
+
+def test_page_says_an_out_of_distribution_image_is_not_a_lesion_image(browser, run_dir, tmp_path):
+    import numpy as np
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from melanoma.serve import create_app
+
+    with uvicorn_server(create_app(Run.load(run_dir))) as base:
+        browser.get(base + "/")
+        image = save_image(tmp_path / "blank.png", np.full((180, 180, 3), 255, dtype=np.uint8))
+        browser.find_element("id", "file").send_keys(str(image))
+        WebDriverWait(browser, 30).until(lambda d: d.find_element("id", "banner").get_attribute("class"))
+        banner = browser.find_element("id", "banner")
+        assert banner.get_attribute("class") == "ood"
+        assert "does not look like a dermoscopic lesion image" in banner.text
+        assert "ALERT" not in banner.text and not browser.find_elements("css selector", "#bars .row")
+        assert not browser.find_elements("id", "gradcam")
+        _screenshot(browser, "serve_page_ood.png")

@@ -227,7 +227,7 @@ def test_predict_on_two_processes_merges_shards_in_input_order(tmp_path):
     for a, b in zip(one, two, strict=True):
         assert a.keys() == b.keys()
         for key in a:
-            if key in ("file", "image", "top_class", "error", "melanoma_alert"):
+            if key in ("file", "image", "top_class", "error", "melanoma_alert", "in_distribution", "reason"):
                 assert a[key] == b[key]
             elif a[key]:
                 assert float(a[key]) == pytest.approx(float(b[key]), abs=2e-6)

@@ -165,7 +165,9 @@ def test_predict_cli_writes_the_submission_layout_and_reports_bad_images(trained
     assert len(bad) == 1 and "not an image" in bad[0]["error"] and bad[0]["image"] == "ISIC_0000001"
     good = [r for r in rows if not r["error"]]
     assert all(abs(sum(float(r[c]) for c in CLASSES) - 1) < 1e-4 for r in good)
-    assert all(r["melanoma_alert"] in ("0", "1") for r in good)
+    # the out-of-distribution gate withholds the alert from an image it rejects, and says why
+    assert all(r["melanoma_alert"] in ("0", "1") for r in good if r["in_distribution"] == "true")
+    assert all(r["melanoma_alert"] == "" and r["reason"] for r in good if r["in_distribution"] == "false")
     assert "ERROR" in capsys.readouterr().out
 
 
@@ -211,9 +213,9 @@ def test_report_shows_validation_within_each_era(trained, tmp_path):
     _, run = trained
     copy = Path(shutil.copytree(run, tmp_path / "run"))
     metrics = json.loads((copy / "metrics.json").read_text())
-    assert "<td>archive 2016-17</td>" not in (copy / "report.html").read_text()  # tiny data: one era only
-    metrics["validation_by_era"] = {"archive 2016-17": metrics["validation"], "later": metrics["validation"]}
+    assert "<td>2016-17 archive</td>" not in (copy / "report.html").read_text()  # tiny data: one era only
+    metrics["validation_by_era"] = {"2016-17 archive": metrics["validation"], "later": metrics["validation"]}
     (copy / "metrics.json").write_text(json.dumps(metrics))
     assert cli_main(["report", str(copy)]) == 0
     page = (copy / "report.html").read_text()
-    assert "Validation (split from Train)" in page and "<td>archive 2016-17</td>" in page and "<td>later</td>" in page
+    assert "Validation (split from Train)" in page and "<td>2016-17 archive</td>" in page and "<td>later</td>" in page

@@ -88,3 +88,31 @@ def test_a_run_without_calibration_falls_back_with_a_warning(exported, tmp_path)
 
     assert np.allclose(apply_temperature(uncalibrated.probabilities(images), temperature),
                        calibrated.probabilities(images), atol=1e-5)
+
+
+def test_onnx_and_pytorch_gate_images_the_same(exported):
+    from conftest import lesion_image
+
+    _, run = exported
+    rng = np.random.default_rng(3)
+    images = np.stack([lesion_image(900 + i, 40) for i in range(6)]
+                      + [np.full((40, 40, 3), c, np.uint8) for c in (0, 255, 128)]
+                      + [rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) for _ in range(3)])
+    torch_run, onnx_run = Run.load(run, backend="torch"), Run.load(run)
+    assert onnx_run.backend == "onnx" and onnx_run.gate is not None
+    a, b = torch_run.answers(images), onnx_run.answers(images)
+    assert (a.in_distribution == b.in_distribution).all() and not a.in_distribution[6:9].any()
+    assert np.allclose(a.ood_scores, b.ood_scores, rtol=1e-3, atol=1e-3)
+
+
+def test_an_onnx_file_without_the_gate_outputs_is_refused_or_bypassed(exported, tmp_path):
+    _, run = exported
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    model = onnx.load(str(old / "model.onnx"))
+    del model.graph.output[1:]
+    onnx.save(model, str(old / "model.onnx"))
+    with pytest.raises(RunError, match="predates the out-of-distribution gate"):
+        Run.load(old, backend="onnx")
+    with pytest.warns(UserWarning, match="predates the out-of-distribution gate"):
+        assert Run.load(old).backend == "torch"

@@ -127,9 +127,9 @@ class _SlowRun:
         self.__dict__.update(run.__dict__)
         self._run, self._seconds = run, seconds
 
-    def probabilities(self, images, batch_size: int = 32):
+    def answers(self, images, batch_size: int = 32):
         time.sleep(self._seconds)
-        return self._run.probabilities(images, batch_size)
+        return self._run.answers(images, batch_size)
 
 
 def test_busy_server_answers_503_with_retry_after(run):
@@ -157,3 +157,17 @@ def test_real_uvicorn_server_on_loopback(run):
         assert http.get("/health").json() == {"status": "ok"}
         response = http.post("/v1/predict", files=_files(jpeg_bytes(lesion_image(8))))
         assert response.status_code == 200 and response.json()["results"][0]["top_class"] in CLASSES
+
+
+def test_the_gate_answers_in_the_json_and_an_out_of_distribution_image_gets_no_alert(client, run):
+    blank = io.BytesIO()
+    Image.new("RGB", (64, 64), (255, 255, 255)).save(blank, format="PNG")
+    response = client.post("/v1/predict?explain=true",
+                           files=_files(jpeg_bytes(lesion_image(3)), blank.getvalue()))
+    assert response.status_code == 200
+    lesion, white = response.json()["results"]
+    assert isinstance(lesion["in_distribution"], bool) and isinstance(lesion["ood_score"], float)
+    assert white["in_distribution"] is False and white["melanoma_alert"] is None
+    assert "does not look like a dermoscopic lesion image" in white["reason"]
+    assert white["ood_score"] > run.gate.threshold
+    assert client.get("/v1/model").json()["ood_gate"]["detector"] == run.gate.detector

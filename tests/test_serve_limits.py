@@ -59,7 +59,7 @@ class _RecordingRun:
         # mutable, so the copy the server makes of its run shares them
         self.calls, self.at_once, self._lock = [], {"now": 0, "most": 0}, threading.Lock()
 
-    def probabilities(self, images, batch_size: int = 32):
+    def answers(self, images, batch_size: int = 32):
         with self._lock:
             self.calls.append(len(images))
             self.at_once["now"] += 1
@@ -68,7 +68,7 @@ class _RecordingRun:
             time.sleep(self._seconds)
             if self._fail_on_black and (images.reshape(len(images), -1).max(axis=1) == 0).any():
                 raise ValueError("black image")
-            return self._run.probabilities(images, batch_size)
+            return self._run.answers(images, batch_size)
         finally:
             with self._lock:
                 self.at_once["now"] -= 1

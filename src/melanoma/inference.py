@@ -1,8 +1,10 @@
 """``melanoma predict``: images, folders and manifests in; one row per image out (the ISIC submission layout plus
 the melanoma alert), on one process or sharded over several. Unreadable images get an error row; the rest go on.
 
-The run itself (model, classes, calibration, alert threshold) is loaded by :class:`melanoma.run.Run`; the alert
-threshold is applied here, outside the model, so it can be changed without retraining.
+The run itself (model, classes, calibration, alert threshold, out-of-distribution gate) is loaded by
+:class:`melanoma.run.Run`; the alert threshold is applied here, outside the model, so it can be changed without
+retraining. An image the gate judges out of distribution gets no alert (``melanoma_alert`` empty) and a ``reason``;
+a run without a gate leaves ``in_distribution`` empty.
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ class Prediction:
     probabilities: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     melanoma_threshold: float | None = None
+    ood_score: float | None = None
+    in_distribution: bool | None = None     # None: the run has no gate (or the image could not be read)
 
     @property
     def top_class(self) -> str | None:
@@ -36,9 +40,25 @@ class Prediction:
 
     @property
     def melanoma_alert(self) -> bool | None:
-        if self.melanoma_probability is None or self.melanoma_threshold is None:
+        """None when there is nothing to judge: no probabilities, no threshold, or an out-of-distribution image."""
+        if self.melanoma_probability is None or self.melanoma_threshold is None or self.in_distribution is False:
             return None
         return self.melanoma_probability >= self.melanoma_threshold
+
+    @property
+    def reason(self) -> str:
+        """Why the image gets no alert although it was read: the gate's rejection."""
+        from melanoma.ood import REASON
+
+        return REASON if self.in_distribution is False else ""
+
+
+NO_MELANOMA_CLASS = "this run has no melanoma class: no melanoma alert and no p(melanoma) (melanoma_alert left empty)"
+
+
+def melanoma_notice(classes: Sequence[str]) -> str | None:
+    """The one-line notice for a run whose classes lack melanoma (it must not look as if it could alert), else None."""
+    return None if MELANOMA in classes else NO_MELANOMA_CLASS
 
 
 def predict_files(run: Run, sources: Sequence[tuple[str, str | os.PathLike | bytes]], batch_size: int = 32,
@@ -60,9 +80,12 @@ def predict_files(run: Run, sources: Sequence[tuple[str, str | os.PathLike | byt
             names.append(row)
             pixels.append(resize_pixels(decoded.pixels, run.image_size))
         if pixels:
-            probs = run.probabilities(np.stack(pixels), batch_size=batch_size)
-            for row, values in zip(names, probs):
+            answers = run.answers(np.stack(pixels), batch_size=batch_size)
+            for position, (row, values) in enumerate(zip(names, answers.probabilities)):
                 row.probabilities = {c: float(p) for c, p in zip(run.classes, values)}
+                if answers.in_distribution is not None:
+                    row.ood_score = float(answers.ood_scores[position])
+                    row.in_distribution = bool(answers.in_distribution[position])
         results.extend(rows)
         if progress:
             progress(len(rows))
@@ -162,10 +185,13 @@ def prediction_rows(predictions: Sequence[Prediction], classes: Sequence[str]) -
         row = {"image": image_id_from_name(Path(p.image).name)}
         row.update({c: (f"{p.probabilities[c]:.6f}" if p.probabilities else "") for c in classes})
         row.update({"melanoma_alert": "" if p.melanoma_alert is None else int(p.melanoma_alert),
-                    "top_class": p.top_class or "", "file": p.image, "error": p.error or ""})
+                    "top_class": p.top_class or "", "file": p.image, "error": p.error or "",
+                    "ood_score": "" if p.ood_score is None else f"{p.ood_score:.6g}",
+                    "in_distribution": "" if p.in_distribution is None else str(p.in_distribution).lower(),
+                    "reason": p.reason})
         rows.append(row)
     return rows
 
 
 def prediction_columns(classes: Sequence[str]) -> list[str]:
-    return ["image", *classes, "melanoma_alert", "top_class", "file", "error"]
+    return ["image", *classes, "melanoma_alert", "top_class", "file", "error", "ood_score", "in_distribution", "reason"]

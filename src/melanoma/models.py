@@ -151,6 +151,17 @@ class Classifier(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.network(self.normalize(self.blur(self.colour(pixels))))
 
+    def features_and_logits(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pooled penultimate features and the logits of one forward pass (the out-of-distribution gate reads
+        the features; in eval mode the logits equal ``forward``'s)."""
+        x = self.normalize(self.blur(self.colour(pixels)))
+        if self.spec.is_seed:
+            network = self.network
+            features = network.classifier[:-1](network.dropout(network.features(x)))
+            return features, network.classifier[-1](features)
+        features = self.network.forward_head(self.network.forward_features(x), pre_logits=True)
+        return features, self.network.get_classifier()(features)
+
     def backbone_and_head(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """Parameters of the feature extractor and of the classification head (for freezing and per-group LRs)."""
         if self.spec.is_seed:

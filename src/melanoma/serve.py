@@ -32,6 +32,11 @@ Serving limits (defaults; ``melanoma serve --help`` names the flag for each):
   (``--max-batch``) to the free ones of ``--concurrency`` (2) workers, one model call per share, each worker on
   its share of the cores. At most concurrency + queue (2 + 32) requests are in flight; beyond that 503 with
   Retry-After.
+- **Out-of-distribution gate**: with a fitted gate (``ood_gate.npz``, see :mod:`melanoma.ood`) every result says
+  ``in_distribution`` and ``ood_score``, read from the same model call as the probabilities; an image judged out of
+  distribution gets no alert (``melanoma_alert`` null) and a ``reason`` (the page shows neither bars nor
+  Grad-CAM for it). Without a gate
+  ``in_distribution`` is null.
 - **Test-time augmentation**: off when serving (``SERVE_TTA``; ``--tta`` turns it on, 8x the compute per image);
   ``/v1/model`` reports the setting under ``tta``.
 
@@ -103,7 +108,7 @@ def create_app(run, config: ServeConfig | None = None):
     if config.tta is not None:
         served.tta = config.tta
     gate = Gate(config.max_concurrent + config.queue_size)
-    batcher = Batcher(lambda images: served.probabilities(images, batch_size=config.max_batch),
+    batcher = Batcher(lambda images: served.answers(images, batch_size=config.max_batch),
                        workers=config.max_concurrent, max_batch=config.max_batch, wait_s=config.batch_wait_ms / 1000)
     gradcam = _GradCam(served)
     decode_slots = threading.BoundedSemaphore(config.max_concurrent)
@@ -158,16 +163,16 @@ def create_app(run, config: ServeConfig | None = None):
             images = await run_in_threadpool(decode_payloads, payloads, served.image_size, config, decode_slots,
                                               explain)
             try:
-                probabilities = await asyncio.wrap_future(batcher.submit(images.model_pixels))
+                answers = await asyncio.wrap_future(batcher.submit(images.model_pixels))
             except Exception:
                 LOG.exception("inference failed for %d image(s)", len(payloads))
                 raise HTTPException(500, "inference failed; the server log has the details") from None
-            results = [_result(served, row) for row in probabilities]
+            results = [_result(served, answers, position) for position in range(len(answers))]
             if explain:
                 for position, result in enumerate(results):
                     result["gradcam_png_base64"] = await run_in_threadpool(
                         gradcam.overlay_png, images.model_pixels[position], images.display_pixels[position],
-                        int(probabilities[position].argmax()))
+                        int(answers.probabilities[position].argmax()))
         finally:
             gate.leave()
         LOG.info("predict: %d image(s), %d bytes, %.0f ms", len(payloads), sum(len(p) for p in payloads),
@@ -195,14 +200,20 @@ def _version() -> str:
     return __version__
 
 
-def _result(run, probabilities) -> dict:
+def _result(run, answers, position: int) -> dict:
+    """One image's answer; out of distribution: no alert, and the reason."""
     from melanoma.data import MELANOMA
+    from melanoma.ood import REASON
 
-    values = {c: round(float(p), 6) for c, p in zip(run.classes, probabilities)}
+    values = {c: round(float(p), 6) for c, p in zip(run.classes, answers.probabilities[position])}
     top = max(values, key=values.get)
     melanoma = values.get(MELANOMA)
-    alert = None if melanoma is None or run.threshold is None else bool(melanoma >= run.threshold)
-    return {"probabilities": values, "top_class": top, "melanoma_probability": melanoma, "melanoma_alert": alert}
+    gated = answers.in_distribution is not None
+    passed = bool(answers.in_distribution[position]) if gated else None
+    alert = None if melanoma is None or run.threshold is None or passed is False else bool(melanoma >= run.threshold)
+    return {"probabilities": values, "top_class": top, "melanoma_probability": melanoma, "melanoma_alert": alert,
+            "in_distribution": passed, "ood_score": round(float(answers.ood_scores[position]), 6) if gated else None,
+            "reason": REASON if passed is False else None}
 
 
 def model_card(run) -> dict:
@@ -219,6 +230,7 @@ def model_card(run) -> dict:
     return {"name": run.config["model"]["name"], "version": _version(), "run": run.path.name,
             "classes": run.classes, "image_size": run.image_size, "backend": run.backend, "tta": run.tta,
             "alert_threshold": run.threshold, "temperature": run.temperature,
+            "ood_gate": None if run.gate is None else {"detector": run.gate.detector, "threshold": run.gate.threshold},
             "validation_metrics": {k: validation.get(k) for k in ("accuracy", "balanced_accuracy", "macro_f1")}
             | {"melanoma_auc": (validation.get("melanoma") or {}).get("auc")},
             "model_card": card}
