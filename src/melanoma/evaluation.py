@@ -148,20 +148,120 @@ def bootstrap_ci(labels: Sequence[int], probabilities: np.ndarray, classes: Sequ
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Metrics per subgroup (who is in which group: melanoma.subgroups)
+
+SUBGROUP_METRICS = ("balanced_accuracy", "melanoma_auc", "melanoma_sensitivity", "melanoma_specificity")
+
+
+def subgroup_metrics(labels: Sequence[int], probabilities: np.ndarray, classes: Sequence[str],
+                     threshold: float | None, groups: dict[str, list[str]], resamples: int = 1000,
+                     seed: int = 0) -> dict:
+    """Per attribute (``groups``: attribute -> each image's group): how many images have it recorded, and one entry
+    per group with n, melanomas, whether it is too small to read, and each metric as value/low/high."""
+    from melanoma.subgroups import FROM_METADATA, UNKNOWN, ordered_groups
+
+    labels = np.asarray(labels)
+    table = {}
+    for attribute, per_image in groups.items():
+        per_image = np.asarray(per_image, dtype=object)
+        recorded = int((per_image != UNKNOWN).sum())
+        names = [] if attribute in FROM_METADATA and recorded == 0 else ordered_groups(attribute, per_image)
+        table[attribute] = {"recorded": recorded, "groups": [
+            _group_entry(name, labels[per_image == name], probabilities[per_image == name], classes, threshold,
+                         resamples, seed) for name in names]}
+    return table
+
+
+def _group_entry(name: str, labels: np.ndarray, probabilities: np.ndarray, classes: Sequence[str],
+                 threshold: float | None, resamples: int, seed: int) -> dict:
+    from melanoma.subgroups import MIN_IMAGES, MIN_MELANOMAS
+
+    metrics = compute_metrics(labels, probabilities, classes, threshold)
+    melanoma = metrics.get("melanoma") or {}
+    values = {"balanced_accuracy": metrics["balanced_accuracy"], "melanoma_auc": melanoma.get("auc"),
+              "melanoma_sensitivity": melanoma.get("sensitivity"),
+              "melanoma_specificity": melanoma.get("specificity")}
+    intervals = bootstrap_ci(labels, probabilities, classes, threshold, resamples=resamples, seed=seed) \
+        if resamples and len(labels) else {}
+    melanomas = int(melanoma.get("positives", 0))
+    entry = {"group": name, "n": int(len(labels)), "melanomas": melanomas,
+             "too_small": bool(len(labels) < MIN_IMAGES or melanomas < MIN_MELANOMAS)}
+    for metric in SUBGROUP_METRICS:
+        bounds = intervals.get(metric) or {}
+        entry[metric] = {"value": values[metric], "low": bounds.get("low"), "high": bounds.get("high")}
+    return entry
+
+
+def subgroup_report(splits: dict[str, tuple], classes: Sequence[str], threshold: float | None, index=None,
+                    truth: Sequence[str] = (), extra: Sequence[str] = (), resamples: int = 1000, seed: int = 0,
+                    log=print) -> dict:
+    """The ``subgroups`` section of metrics.json. ``splits``: name -> (file names, data sources, labels,
+    probabilities); the metadata is joined by image id from ``index``'s sources, ``truth`` and ``extra``
+    (--metadata files) by :func:`melanoma.metadata.load_metadata`."""
+    from melanoma.metadata import load_metadata, metadata_notes
+    from melanoma.subgroups import MIN_IMAGES, MIN_MELANOMAS, image_groups
+
+    metadata = load_metadata(index, truth, extra)
+    for note in metadata_notes(metadata):
+        log(f"warning: {note}")
+    section = {"min_images": MIN_IMAGES, "min_melanomas": MIN_MELANOMAS, "resamples": resamples, "level": 0.95,
+               "threshold": threshold, "metadata": metadata.read_from}
+    for split, (names, sources, labels, probabilities) in splits.items():
+        section[split] = subgroup_metrics(labels, probabilities, classes, threshold,
+                                          image_groups(names, sources, metadata), resamples, seed)
+    return section
+
+
+def training_subgroups(config, data, val_probs: np.ndarray, test_probs: np.ndarray | None,
+                       threshold: float | None, log=print) -> dict:
+    """The ``subgroups`` section at the end of training: validation (split.csv's val rows) and Test (all images),
+    with metadata from the run's data sources, --truth and --metadata files. A metadata file that fails now is a
+    warning in the log and an ``error`` in the section, not a lost run."""
+    import time
+
+    from melanoma.data import DataError
+    from melanoma.sources import load_dataset
+    from melanoma.subgroups import sources_by_name
+
+    started = time.perf_counter()
+    try:
+        index = load_dataset(config.data, image_root=getattr(config, "image_root", None))
+        val_rows = [row for row in data.split_rows if row["role"] == "val"]
+        splits = {"validation": ([row["path"] for row in val_rows], [row.get("source", "") for row in val_rows],
+                                 data.val_labels, val_probs)}
+        if test_probs is not None and len(data.test_labels):
+            by_name = sources_by_name(index)
+            splits["test"] = (data.test_names, [by_name.get(name, "") for name in data.test_names],
+                              data.test_labels, test_probs)
+        section = subgroup_report(splits, data.classes, threshold, index, config.truth,
+                                  getattr(config, "metadata", []), resamples=config.bootstrap, seed=config.seed,
+                                  log=log)
+    except DataError as exc:
+        log(f"warning: no subgroup metrics: {exc}")
+        return {"error": str(exc)}
+    section["seconds"] = round(time.perf_counter() - started, 1)
+    return section
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # melanoma evaluate RUN
 
 
 def evaluate_run(run_dir: str, data: str | None = None, split: str = "Test", out: str | None = None,
-                 resamples: int = 1000, target_sensitivity: float = 0.9, log=print) -> dict:
-    """Score a trained run on one split of a dataset: metrics with CIs on all and clean images, plots, predictions."""
+                 resamples: int = 1000, target_sensitivity: float = 0.9, log=print,
+                 metadata: Sequence[str] = ()) -> dict:
+    """Score a trained run on one split of a dataset: metrics with CIs on all and clean images, per subgroup (with
+    ``metadata``: --metadata files besides the run's own), plots, predictions."""
     from pathlib import Path
 
     from melanoma.data import build_cache, display_name
+    from melanoma.metadata import check_metadata_files
     from melanoma.sources import load_dataset
     from melanoma.run import Run
     from melanoma.io import save_figure, write_csv, write_json
     from melanoma.plots import confusion_figure, roc_pr_figures
 
+    check_metadata_files(metadata)
     run = Run.load(run_dir)
     index = load_dataset(data or run.config["config"]["data"])
     records = _split_records(index, split)
@@ -184,6 +284,15 @@ def evaluate_run(run_dir: str, data: str | None = None, split: str = "Test", out
             scores["threshold_for_target_sensitivity"] = threshold_for_sensitivity(labels[mask] == m, probs[mask, m],
                                                                                    target_sensitivity)
         report[subset] = scores
+    from melanoma.consistency import consistency_summary, stress_consistency
+
+    report["consistency"] = {"stresses": stress_consistency(run.probabilities, cache.images[ok], run.classes,
+                                                            run.threshold, base=probs)}
+    log(consistency_summary(report["consistency"]))
+    report["subgroups"] = subgroup_report(
+        {split.lower(): ([records[i].rel_path for i in ok], [records[i].source for i in ok], labels, probs)},
+        run.classes, run.threshold, index, *_run_metadata_files(run.config["config"], metadata, log),
+        resamples=resamples, log=log)
     out_dir = Path(out or Path(run_dir) / f"evaluation-{split.lower()}")
     write_json(out_dir / "metrics.json", report)
     save_figure(confusion_figure(report["all"]["confusion_matrix"], run.classes, f"{split} (n={len(ok)})"),
@@ -201,6 +310,20 @@ def evaluate_run(run_dir: str, data: str | None = None, split: str = "Test", out
         log(f"warning: not scored: {message}")
     _log_evaluation(report, out_dir, log)
     return report
+
+
+def _run_metadata_files(settings: dict, metadata: Sequence[str], log) -> tuple[list[str], list[str]]:
+    """(truth files, metadata files): the run's own that still exist (a moved one is a warning), then ``metadata``."""
+    from pathlib import Path
+
+    own = {"truth": [], "metadata": []}
+    for key in own:
+        for path in settings.get(key) or []:
+            if Path(path).is_file():
+                own[key].append(path)
+            else:
+                log(f"warning: the run's --{key} file {path} is gone; subgroups without it")
+    return own["truth"], [*own["metadata"], *metadata]
 
 
 def _split_records(index, split: str):
@@ -233,18 +356,18 @@ def _leak_flags(run_dir, index, records) -> list[bool]:
     """Which records leaked into Train, from the run's own audit when it audited this data, else a fresh audit."""
     import csv as csv_module
 
-    from melanoma.data import display_name
+    from melanoma.splits import record_key, rows_by_key
 
     manifest_path = run_dir / "audit" / "clean_manifest.csv"
     rows = {}
-    if manifest_path.is_file():
-        with open(manifest_path, newline="", encoding="utf-8") as handle:
-            rows = {row["path"]: row for row in csv_module.DictReader(handle)}
-    if not all(display_name(r.rel_path) in rows for r in records):
+    if manifest_path.is_file():  # written with surrogateescape: a file name that is not UTF-8 reads back as it was
+        with open(manifest_path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
+            rows = rows_by_key(list(csv_module.DictReader(handle)))
+    if not all(record_key(r, rows) in rows for r in records):
         from melanoma.audit import run_audit
 
-        rows = {row["path"]: row for row in run_audit(index).manifest}
-    return [bool(int(rows[display_name(r.rel_path)]["leaked"])) for r in records]
+        rows = rows_by_key(run_audit(index).manifest)
+    return [bool(int(rows[record_key(r, rows)]["leaked"])) for r in records]
 
 
 def _log_evaluation(report: dict, out_dir, log) -> None:
@@ -261,7 +384,19 @@ def _log_evaluation(report: dict, out_dir, log) -> None:
                              f"specificity {_with_ci(ci, 'melanoma_specificity', m['melanoma']['specificity'])} "
                              f"at threshold {report['alert_threshold']:.3f}")
         log("  " + ", ".join(parts))
+    _log_subgroups(report.get("subgroups") or {}, log)
     log(f"wrote {out_dir}")
+
+
+def _log_subgroups(section: dict, log) -> None:
+    from melanoma.subgroups import subgroup_lines
+
+    for split, table in section.items():
+        if isinstance(table, dict) and all(isinstance(part, dict) and "groups" in part for part in table.values()):
+            log(f"per subgroup ({split}; 'too small to read': under {section['min_images']} images or "
+                f"{section['min_melanomas']} melanomas):")
+            for line in subgroup_lines(table):
+                log("  " + line)
 
 
 def _with_ci(ci: dict, name: str, value) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from melanoma.consistency import consistency_html
 from melanoma.data import display_name
 from melanoma.io import atomic_write_text, read_json
 from melanoma.run import CONFIG, METRICS, RunError, read_run_json
@@ -25,6 +26,7 @@ color:#1b1f23;line-height:1.45}
 h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
 table{border-collapse:collapse;margin:.6em 0;font-size:.92em}th,td{border:1px solid #ccc;padding:.25em .6em;
 text-align:right}th:first-child,td:first-child{text-align:left}thead th{background:#f3f4f6}
+tbody th{text-align:left;font-weight:normal}
 figure{margin:.6em 0}figure img{max-width:100%;border:1px solid #eee}.note{color:#555;font-size:.9em}
 .banner{background:#fff4e5;border:1px solid #f0b86e;padding:.6em 1em;border-radius:6px}
 .gallery{display:flex;flex-wrap:wrap;gap:.8em}.gallery figure{width:200px;font-size:.8em}
@@ -74,6 +76,8 @@ def write_run_report(run_dir: str | Path, gallery_size: int = 12) -> Path:
         "anything; the melanoma alert threshold was chosen on the validation split.</p>",
         _headline_section(metrics),
         _validation_section(metrics),
+        consistency_html(metrics),
+        _subgroup_section(metrics),
         _data_section(run_dir, data),
         _sources_section(data),
         _figure_section("Training curves", figures.get("curves")),
@@ -157,16 +161,54 @@ def _validation_section(metrics: dict) -> str:
                **{f"source: {name}": m for name, m in metrics.get("validation_by_source", {}).items()}}
     rows = []
     for name, m in subsets.items():
-        auc = (m.get("melanoma") or {}).get("auc")
+        auc, ci = (m.get("melanoma") or {}).get("auc"), m.get("ci") or {}
         melanomas = m["per_class"].get("melanoma", {}).get("support", "n/a")
+        auc_cell = _ci_cell(ci["melanoma_auc"]) if ci.get("melanoma_auc") else 'n/a' if auc is None else f'{auc:.3f}'
+        balanced = _ci_cell(ci["balanced_accuracy"]) if ci.get("balanced_accuracy") else f"{m['balanced_accuracy']:.3f}"
         rows.append(f"<tr><td>{html.escape(name)}</td><td>{m['n']}</td><td>{melanomas}</td>"
-                    f"<td>{m['balanced_accuracy']:.3f}</td><td>{'n/a' if auc is None else f'{auc:.3f}'}</td></tr>")
+                    f"<td>{balanced}</td><td>{auc_cell}</td></tr>")
     note = ("<p class='note'>Within one era the image's age cannot stand in for its class; on these data the "
-            "'archive 2016-17' row is the one that predicts how melanomas from other clinics fare.</p>"
+            "'2016-17 archive' row is the one that predicts how melanomas from other clinics fare.</p>"
             if len(subsets) > 1 else "")
     return ("<h2>Validation (split from Train)</h2><table><thead><tr><th>images</th><th>n</th><th>melanomas</th>"
             "<th>balanced accuracy</th><th>melanoma AUC</th></tr></thead><tbody>" + "".join(rows)
             + "</tbody></table>" + note)
+
+
+def _subgroup_section(metrics: dict) -> str:
+    """Per subgroup (metrics.json's ``subgroups``): one table per split, every group with n, melanomas and each
+    metric with its bootstrap interval; small groups marked, never hidden."""
+    section = metrics.get("subgroups")
+    if not section:
+        return ""
+    if "error" in section:
+        return f"<h2>Per subgroup</h2><p>Not computed: {html.escape(section['error'])}</p>"
+    head = ("<table><thead><tr><th>attribute</th><th>group</th><th>n</th><th>melanomas</th><th>balanced accuracy</th>"
+            "<th>melanoma AUC</th><th>sensitivity</th><th>specificity</th><th>note</th></tr></thead><tbody>")
+    parts = [f"<h2>Per subgroup ({section.get('resamples')} bootstrap resamples, {section.get('level', 0.95):.0%} "
+             "intervals)</h2>"]
+    for split, title in (("validation", "Validation"), ("test", "Test, all images")):
+        if split not in section:
+            continue
+        rows = []
+        for attribute, part in section[split].items():
+            if not part["groups"]:
+                rows.append(f"<tr><th scope='row'>{html.escape(attribute)}</th><td colspan='8' class='note'>not "
+                            "recorded for any image</td></tr>")
+            for group in part["groups"]:
+                cells = "".join(f"<td>{_ci_cell(group[m])}</td>" for m in ("balanced_accuracy", "melanoma_auc",
+                                                                           "melanoma_sensitivity",
+                                                                           "melanoma_specificity"))
+                note = "too small to read" if group["too_small"] else ""
+                style = " class='note'" if note else ""
+                rows.append(f"<tr{style}><th scope='row'>{html.escape(attribute)}</th>"
+                            f"<th scope='row'>{html.escape(group['group'])}</th>"
+                            f"<td>{group['n']}</td><td>{group['melanomas']}</td>{cells}<td>{note}</td></tr>")
+        parts.append(f"<h3>{title}</h3>" + head + "".join(rows) + "</tbody></table>")
+    parts.append(f"<p class='note'>Groups with fewer than {section['min_images']} images or {section['min_melanomas']}"
+                 " melanomas are marked 'too small to read': shown, but their numbers say little. 'unknown': images "
+                 "whose metadata lacks the field. Sensitivity and specificity are at the alert threshold.</p>")
+    return "\n".join(parts)
 
 
 def _ci_cell(interval: dict | None) -> str:
