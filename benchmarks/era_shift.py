@@ -1,7 +1,8 @@
 """Does a run tell melanoma from nevus by the lesion, or by the image's age? A validation-only diagnostic.
 
-ISIC ids below ISIC_0010000 are the archive's oldest images (the 2016-2017 challenge era). In this dataset four in
-five Train nevi (223 of 224 after the audit's clean-up) are from that era while about half the Train melanomas are
+The "old era" is melanoma.data.ERAS[0], the 2016-17 archive: ISIC ids below ISIC_0024306, the archive's images of
+the ISIC 2016 and 2017 challenges, before HAM10000 (until issue #25 it was ids below ISIC_0010000, which left most
+challenge images in "later"). In this dataset most Train nevi are from the old archive while most Train melanomas are
 newer, so "new-looking image" is a shortcut to "not a nevus" that a validation score over all images rewards.
 This script re-scores each run's own validation split (drawn from Train; nothing from Test is scored) and reports
 melanoma-vs-rest AUC and melanoma recall at the run's alert threshold over all validation images and over the

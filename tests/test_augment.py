@@ -29,7 +29,8 @@ from melanoma.augment import BatchAugment, resolve_augment_on
 from melanoma.cli import main as cli_main
 from melanoma.config import TrainConfig
 from melanoma.training import train
-from melanoma.transforms import AUGMENTATIONS, Augmentation, compose
+from melanoma.transforms import (AUGMENTATIONS, Augmentation, Render, compose, render, train_transform,
+                                 with_rendering)
 
 MATCH, MISMATCH = 1e-3, 1e-4
 
@@ -310,6 +311,158 @@ def test_colour_is_distributed_like_the_loader_path():
                          "hue 0.04": (brightness, contrast, saturation, 0.04)}.items():
         other = _colour(_device_views(replace(spec, jitter=jitter), image, count, seed=3))
         assert _agreement(loader, other) < MISMATCH, name
+
+
+# -- rendering (--rendering): first, the same in both paths ---------------------------------------------------------
+
+RENDERED = with_rendering(Augmentation())  # the rendering steps alone, then the whole image as the crop
+
+
+def test_render_applies_gains_gamma_downscale_and_jpeg():
+    flat = torch.full((3, 16, 16), 100, dtype=torch.uint8)
+    assert render(flat, [1.05, 1.0, 0.95], 1.0, 1.0, None)[:, 0, 0].tolist() == [105, 100, 95]
+    assert render(flat, [1.0] * 3, 0.9, 1.0, None)[0, 0, 0].item() == round(255 * (100 / 255) ** 0.9)  # brighter
+    assert torch.equal(render(flat, [1.0] * 3, 1.0, 1.0, None), flat)  # neutral parameters: untouched
+    checkerboard = ((torch.arange(16)[:, None] + torch.arange(16)) % 2 * 255).to(torch.uint8).expand(3, -1, -1)
+    halved = render(checkerboard, [1.0] * 3, 1.0, 0.5, None)  # a 1-pixel pattern does not survive half the side
+    assert halved.shape == checkerboard.shape and (halved.float() - 127.5).abs().max() < 40
+    noise = _test_images(2, 32)[0]
+    assert (render(noise, [1.0] * 3, 1.0, 1.0, 50).float() - noise.float()).abs().mean() > 10  # JPEG artefacts
+
+
+def test_rendering_parameters_are_drawn_alike_in_both_paths():
+    count = 3000
+    torch.manual_seed(0)
+    draws = [Render(RENDERED).make_params() for _ in range(count)]
+    loader = torch.tensor([[*d["gains"], d["gamma"], d["scale"], d["quality"]] for d in draws], dtype=torch.float64)
+    device = _augment(RENDERED, 32).sample(count, 40, 40).render
+    for column in range(6):  # gains red, green, blue, gamma, scale, quality
+        assert _ks(loader[:, column], device[:, column]) > MATCH, column
+    for draws_ in (loader, device):
+        assert draws_[:, :3].min() >= 0.95 and draws_[:, :3].max() <= 1.05
+        assert draws_[:, 3].min() >= 0.9 and draws_[:, 3].max() <= 1.1
+        assert draws_[:, 4].min() >= 0.5 and draws_[:, 4].max() <= 1.0
+        assert set(draws_[:, 5].long().tolist()) == set(range(50, 96))  # every quality 50..95, both ends included
+    for column, wrong in [(5, replace(RENDERED, jpeg_quality=(55, 95))), (3, replace(RENDERED, gamma=0.13)),
+                          (4, replace(RENDERED, rescale=(0.6, 1.0))), (0, replace(RENDERED, white_balance=0.07))]:
+        assert _ks(loader[:, column], _augment(wrong, 32).sample(count, 40, 40).render[:, column]) < MISMATCH, column
+
+
+def test_rendering_with_the_same_parameters_gives_the_same_pixels_in_both_paths():
+    images = _test_images(12, 40)
+    augment = _augment(with_rendering(AUGMENTATIONS["dermoscopy"]), 32)
+    params = augment.sample(len(images), 40, 40)
+    ours = augment.apply(images, params).int()
+
+    def per_image(image, index):
+        row = params.render[index]
+        image = render(image, row[:3].tolist(), row[3].item(), row[4].item(), int(row[5].item()))
+        return _per_image(image, params, index, augment.spec, 32, float_resize=True)
+
+    reference = torch.stack([per_image(image, i) for i, image in enumerate(images)]).int()
+    assert (ours == reference).float().mean() > 0.99 and (ours - reference).abs().float().mean() < 0.02
+    unrendered = torch.stack([_per_image(image, params, i, augment.spec, 32, float_resize=True)
+                              for i, image in enumerate(images)]).int()
+    assert (ours - unrendered).abs().float().mean() > 3  # the rendering really ran, first
+    shuffled = augment.apply(images, replace(params, render=params.render.roll(1, 0))).int()
+    assert (shuffled - reference).abs().float().mean() > 3  # another image's rendering: far off
+
+
+def _rendering_statistics(views: torch.Tensor) -> torch.Tensor:
+    """Per view: each channel's mean, the standard deviation, the sharpness (mean step between neighbours) and the
+    colour cast (red and blue means less green's)."""
+    pixels = views.double()
+    sharpness = (pixels[..., 1:] - pixels[..., :-1]).abs().mean((1, 2, 3)) \
+        + (pixels[..., 1:, :] - pixels[..., :-1, :]).abs().mean((1, 2, 3))
+    means = pixels.mean((2, 3))
+    cast = means[:, [0, 2]] - means[:, 1:2]
+    return torch.cat([means, pixels.std((1, 2, 3))[:, None], sharpness[:, None], cast], 1)
+
+
+def _rendering_image() -> torch.Tensor:
+    """32 x 32: coloured noise on top (sharp, JPEG-sensitive), smooth colour below."""
+    image = _test_images(2, 32)
+    return torch.cat([image[0][:, :16], image[1][:, 16:]], dim=1)
+
+
+def test_rendering_is_distributed_alike_in_both_paths():
+    image, count = _rendering_image(), 750
+    loader = _rendering_statistics(_loader_views(RENDERED, image, count, seed=1))
+    assert _agreement(loader, _rendering_statistics(_device_views(RENDERED, image, count, seed=2))) > MATCH
+    plain = _rendering_statistics(_loader_views(Augmentation(), image, 1, seed=1))
+    assert (loader[:, 4] < plain[0, 4]).float().mean() > 0.95  # nearly every view less sharp than the file
+    for name, other in {"no JPEG": replace(RENDERED, jpeg_quality=None),
+                        "downscale to 0.7-1.0": replace(RENDERED, rescale=(0.7, 1.0)),
+                        "white balance +-0.08": replace(RENDERED, white_balance=0.08),
+                        "gamma +-0.2": replace(RENDERED, gamma=0.2)}.items():
+        wrong = _rendering_statistics(_device_views(other, image, count, seed=3))
+        assert _agreement(loader, wrong) < MISMATCH, name
+
+
+def test_rendering_is_seeded_in_both_paths():
+    images = _test_images(6, 40)
+
+    def loader(seed: int, rendering: bool = True) -> torch.Tensor:
+        transform = train_transform("dermoscopy", 32, rendering)
+        torch.manual_seed(seed)
+        return torch.stack([transform(image) for image in images])
+
+    def device(seed: int, rendering: bool = True) -> torch.Tensor:
+        augment = BatchAugment("dermoscopy", 32, rendering=rendering)
+        augment.reseed(seed, 0, 0)
+        return augment(images)
+
+    for path in (loader, device):
+        assert torch.equal(path(3), path(3)) and not torch.equal(path(3), path(4))
+        assert not torch.equal(path(3), path(3, rendering=False))
+    for preset in ("none", "seed"):  # every preset takes it, 'none' too (then a plain resize)
+        augment = BatchAugment(preset, 32, rendering=True)
+        augment.reseed(0, 0, 0)
+        assert augment(images).shape == (6, 3, 32, 32) and train_transform(preset, 32, True)(images[0]).shape == (3, 32,
+                                                                                                               32)
+
+
+def test_rendering_off_leaves_both_paths_as_they_were():
+    images = _test_images(6, 40)
+    for preset in ("none", "seed", "dermoscopy"):
+        torch.manual_seed(0)
+        before = [train_transform(preset, 32)(image) for image in images]
+        torch.manual_seed(0)
+        assert all(torch.equal(a, train_transform(preset, 32, False)(b)) for a, b in zip(before, images))
+    assert not any(spec.rendering for spec in AUGMENTATIONS.values())
+    assert not any(isinstance(step, Render) for step in compose(AUGMENTATIONS["dermoscopy"], 32).transforms)
+    off, on = BatchAugment("dermoscopy", 32), BatchAugment("dermoscopy", 32, rendering=True)
+    off.reseed(0, 0, 0)
+    on.reseed(0, 0, 0)
+    without, with_ = off.sample(6, 40, 40), on.sample(6, 40, 40)
+    assert without.render is None and with_.render is not None
+    assert torch.equal(without.crop, with_.crop) and torch.equal(without.jitter, with_.jitter)  # the rendering's
+    # parameters are drawn after all the others: the stream without it is what it was
+
+
+def test_the_rendering_flag_reaches_the_config(tmp_path):
+    from melanoma.arguments import build_parser
+    from melanoma.cli import _train_config
+    from melanoma.config import validate_config
+    from melanoma.run import RunError
+
+    def config(*flags: str) -> TrainConfig:
+        return _train_config(build_parser().parse_args(["train", "--data", "A", *flags]))
+
+    assert config("--rendering").rendering is True and config("--no-rendering").rendering is False
+    assert config().rendering is None
+    for model in ("seed-cnn", "tf_efficientnet_lite0"):  # off in every recipe: the default model is unchanged
+        assert TrainConfig(data="A", out="o", model=model).resolved().rendering is False
+        assert TrainConfig(data="A", out="o", model=model, rendering=True).resolved().rendering is True
+    with pytest.raises(RunError, match="--rendering must be true or false"):
+        validate_config(replace(TrainConfig(data="A", out="o", model="seed-cnn", rendering=True).resolved(),
+                                rendering="yes"))
+    data = tiny_dataset(tmp_path / "data", per_class=6, test_per_class=1)
+    for augment_on in ("loader", "device"):
+        out = train(TrainConfig(data=str(data), out=str(tmp_path / augment_on), model="seed-cnn", epochs=1,
+                                batch_size=8, image_size=32, progress=False, preset="none", threads=1,
+                                rendering=True, augment_on=augment_on, bootstrap=0), log=lambda *_: None)
+        assert json.loads((out / "config.json").read_text())["config"]["rendering"] is True
 
 
 # -- in training ------------------------------------------------------------------------------------------------------

@@ -58,9 +58,9 @@ def test_era_groups_share_their_class_equally_and_leave_class_shares_alone():
 
 
 def test_acquisition_era_from_the_isic_id():
-    assert acquisition_era("melanoma/ISIC_0000002.jpg") == "archive 2016-17"
-    assert acquisition_era("ISIC_0009999_downsampled.jpg") == "archive 2016-17"
-    assert acquisition_era("nevus/ISIC_0024306.jpg") == "later"
+    assert acquisition_era("melanoma/ISIC_0000002.jpg") == "2016-17 archive"
+    assert acquisition_era("ISIC_0009999_downsampled.jpg") == "2016-17 archive"
+    assert acquisition_era("nevus/ISIC_0024306.jpg") == "HAM10000"
     assert acquisition_era("lesion.png") == "later"
 
 

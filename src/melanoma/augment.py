@@ -8,6 +8,10 @@ affine matrices and sampling grids, ``grid_sample`` with the same zero fill, the
 rounding to whole uint8 levels between steps. An image given the same parameters comes out as the per-image pipeline
 makes it, within one level (tests/test_augment.py checks this, and the distributions of the parameters).
 
+The rendering steps (``--rendering``: white balance, gamma, downscale, JPEG, back up; first, as in the loader path)
+run per image on the CPU through the loader path's own :func:`melanoma.transforms.render` (JPEG is coded one image at
+a time anyway), so the same parameters give exactly the same pixels; a GPU batch goes to the CPU and back for them.
+
 Parameters are drawn on the CPU from a generator reseeded per (seed, epoch, process), so a run augments the same
 way on a CPU and a GPU, and a resumed run draws what an uninterrupted one would.
 
@@ -27,7 +31,7 @@ from torchvision.transforms.v2 import functional as TF
 from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
 
 from melanoma.hardware import uses_gpu
-from melanoma.transforms import Augmentation, augmentation
+from melanoma.transforms import Augmentation, augmentation, render, with_rendering
 
 AUGMENT_ON = ("auto", "loader", "device")
 # Where --augment-on auto augments on a CPU. On a busy 2-core EPYC (docs/benchmarks.md) the device path measured 5 %
@@ -63,14 +67,18 @@ class AugmentParams:
     crop: torch.Tensor        # top, left, height, width: int64 N x 4
     jitter: torch.Tensor      # brightness, contrast, saturation, hue factors: float64 N x 4
     order: torch.Tensor       # ColorJitter's order of the four adjustments per image: int64 N x 4
+    # rendering: gain red, green, blue, gamma, scale, JPEG quality (0 = not saved): float64 N x 6; None when off
+    render: torch.Tensor | None = None
 
 
 class BatchAugment:
     """A preset of :mod:`melanoma.transforms` applied to uint8 batches, per sample, on the batch's device."""
 
-    def __init__(self, preset: str, size: int, spec: Augmentation | None = None):
+    def __init__(self, preset: str, size: int, spec: Augmentation | None = None, rendering: bool = False):
         self.size = size
         self.spec = spec if spec is not None else augmentation(preset)
+        if rendering:
+            self.spec = with_rendering(self.spec)
         self.generator = torch.Generator()
 
     def reseed(self, seed: int, epoch: int, rank: int) -> None:
@@ -104,7 +112,20 @@ class BatchAugment:
         else:
             jitter = torch.stack([ones, ones, ones, 0 * ones], dim=1)
         order = torch.rand(count, 4, generator=self.generator).argsort(dim=1)  # a uniform random permutation each
-        return AugmentParams(hflip, vflip, angle, translate, zoom, crop, jitter, order)
+        # drawn last, so that without rendering the stream (and every other parameter) is what it always was
+        rendering = self._rendering(count) if spec.rendering else None
+        return AugmentParams(hflip, vflip, angle, translate, zoom, crop, jitter, order, rendering)
+
+    def _rendering(self, count: int) -> torch.Tensor:
+        """The rendering parameters of :class:`melanoma.transforms.Render`, one row per image (neutral when off)."""
+        spec, ones = self.spec, torch.ones(count, dtype=torch.float64)
+        gains = self._uniform(count, 1 - spec.white_balance, 1 + spec.white_balance, (3,)) if spec.white_balance \
+            else torch.ones(count, 3, dtype=torch.float64)
+        gamma = self._uniform(count, 1 - spec.gamma, 1 + spec.gamma) if spec.gamma else ones
+        scale = self._uniform(count, *spec.rescale) if spec.rescale else ones
+        quality = torch.randint(spec.jpeg_quality[0], spec.jpeg_quality[1] + 1, (count,), generator=self.generator,
+                                dtype=torch.float64) if spec.jpeg_quality else 0 * ones
+        return torch.cat([gains, gamma[:, None], scale[:, None], quality[:, None]], dim=1)
 
     def _uniform(self, count: int, low: float, high: float, shape: tuple[int, ...] = ()) -> torch.Tensor:
         return low + (high - low) * torch.rand(count, *shape, generator=self.generator, dtype=torch.float64)
@@ -139,6 +160,8 @@ class BatchAugment:
         """uint8 N x 3 x H x W -> uint8 N x 3 x size x size; between steps the pixels stay whole levels in 0..255,
         as they do in the per-image pipeline."""
         spec, device = self.spec, images.device
+        if spec.rendering:
+            images = _render(images, params.render)
         if spec.hflip:
             images = torch.where(params.hflip.to(device).view(-1, 1, 1, 1), images.flip(-1), images)
         if spec.vflip:
@@ -151,10 +174,20 @@ class BatchAugment:
             pixels = _warp(pixels, rotation, "bilinear")
         if spec.affine:
             pixels = _warp(pixels, _inverse_affine(0 * params.angle, params.translate, params.zoom), "nearest")
-        pixels = _resized_crop(pixels, params.crop, self.size)
+        if spec.crop:
+            pixels = _resized_crop(pixels, params.crop, self.size)
+        else:  # preset 'none' with rendering: the plain resize of uint8 levels, as the loader path's v2.Resize
+            pixels = TF.resize(pixels.to(torch.uint8), [self.size, self.size], antialias=True).float()
         if spec.jitter:
             pixels = _colour_jitter(pixels, params.jitter, params.order)
         return pixels.to(torch.uint8)
+
+
+def _render(images: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Each image re-rendered with its row of parameters (see AugmentParams.render), on the CPU."""
+    rendered = [render(image, gains=row[:3].tolist(), gamma=row[3].item(), scale=row[4].item(),
+                       quality=int(row[5].item()) or None) for image, row in zip(images.cpu(), rows)]
+    return torch.stack(rendered).to(images.device)
 
 
 def _centre_crop_size(height: int, width: int, ratio_low: float, ratio_high: float) -> tuple[int, int]:

@@ -332,9 +332,11 @@ def save_last(trainer, run_dir: Path) -> None:
 def build_trainer(config: TrainConfig, model, data: PreparedData, run_dir: Path, spec: ModelSpec, history):
     pl = _lightning()
     augment_on = resolve_augment_on(config.augment_on, config.accelerator)
-    batch_augment = BatchAugment(config.preset, spec.image_size) if augment_on == "device" else None
+    batch_augment = BatchAugment(config.preset, spec.image_size, rendering=bool(config.rendering)) \
+        if augment_on == "device" else None
     # the loader path augments each image as it is fetched; the device path gets the cached uint8 images as they are
-    transform = train_transform(config.preset, spec.image_size) if batch_augment is None else None
+    transform = train_transform(config.preset, spec.image_size, bool(config.rendering)) \
+        if batch_augment is None else None
     balance = parse_balance(config.balance)
     train_set = ArrayDataset(data.train_images, data.train_labels, transform)
     eras = [acquisition_era(name) for name in train_image_names(data)] if config.era_balance else None

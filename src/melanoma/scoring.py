@@ -9,12 +9,17 @@ import numpy as np
 
 from melanoma.calibration import apply_temperature, calibration_summary, fit_temperature, reliability_figure
 from melanoma.config import TrainConfig
+from melanoma.consistency import calibrated_predictor, consistency_after_training
 from melanoma.data import ERAS, MELANOMA, acquisition_era
-from melanoma.evaluation import bootstrap_ci, compute_metrics, threshold_for_sensitivity
+from melanoma.evaluation import bootstrap_ci, compute_metrics, threshold_for_sensitivity, training_subgroups
 from melanoma.hardware import evaluation_device
+from melanoma.inference import melanoma_notice
+from melanoma.external import external_summary, external_validation
 from melanoma.io import save_figure, write_csv, write_json
+from melanoma.model_card import write_model_card
 from melanoma.plots import training_curves_figure
 from melanoma.prepare import PreparedData
+from melanoma.ood_fit import fit_after_training
 from melanoma.probabilities import predict_probabilities
 from melanoma.report import write_run_report
 from melanoma.run import BEST, CHECKPOINT_DIR, METRICS, load_checkpoint, model_from_checkpoint
@@ -30,13 +35,25 @@ def finish_run(run_dir: Path, data: PreparedData, config: TrainConfig, history: 
     calibration = _calibrate(run_dir, raw_val_probs, data.val_labels)
     val_probs = apply_temperature(raw_val_probs, calibration["temperature"])
     alert = _alert_threshold(data, val_probs, config.target_sensitivity)
+    if notice := melanoma_notice(data.classes):
+        log(f"note: {notice}")
     threshold = alert["threshold"] if alert else None
     metrics = {"best_epoch": payload["epoch"], "epochs_run": len(history), "tta": config.tta,
                "final_epoch": history[-1] if history else {}, "alert": alert, "calibration": calibration,
                "validation": compute_metrics(data.val_labels, val_probs, data.classes, threshold)}
     for key, within in (("validation_by_era", validation_by_era), ("validation_by_source", validation_by_source)):
-        if parts := within(data, val_probs, threshold):
+        if parts := within(data, val_probs, threshold, resamples=config.bootstrap, seed=config.seed):
             metrics[key] = parts
+    if config.bootstrap:
+        metrics["validation"]["ci"] = bootstrap_ci(data.val_labels, val_probs, data.classes, threshold,
+                                                   resamples=config.bootstrap, seed=config.seed)
+    predict = calibrated_predictor(model, spec.image_size, config.tta, device, calibration["temperature"])
+    metrics["consistency"] = consistency_after_training(run_dir, config, data, predict, val_probs, threshold,
+                                                        spec.image_size, log)
+    if config.external:  # reported only: never trained, calibrated or thresholded on
+        metrics["external"] = external_validation(config.external, predict, data.classes, spec.image_size,
+                                                  threshold, resamples=config.bootstrap, seed=config.seed)
+        log(external_summary(metrics["external"]))
     if len(data.test_labels):
         raw_test_probs = predict_probabilities(model, data.test_images, spec.image_size, tta=config.tta,
                                                device=device)
@@ -52,38 +69,51 @@ def finish_run(run_dir: Path, data: PreparedData, config: TrainConfig, history: 
             metrics["test"][subset] = scores
         write_csv(run_dir / "test_predictions.csv", _prediction_rows(data, test_probs),
                   ["image", "label", "predicted", "leaked", *data.classes])
+    metrics["subgroups"] = training_subgroups(config, data, val_probs, test_probs if len(data.test_labels) else None,
+                                              threshold, log)
+    metrics["ood_gate"] = fit_after_training(run_dir, model, spec.image_size, data, device, log)
     write_json(run_dir / METRICS, metrics)
     if history:
         save_figure(training_curves_figure(history, title=f"{config.model} ({config.protocol}, {config.balance})"),
                     run_dir / "curves.png")
     write_run_report(run_dir)
+    write_model_card(run_dir)
     _log_metrics(metrics, log)
     return metrics
 
 
-def validation_by_era(data: PreparedData, val_probs: np.ndarray, threshold: float | None) -> dict:
-    """Validation metrics per acquisition era (see melanoma.data.acquisition_era), where both eras are present.
+def validation_by_era(data: PreparedData, val_probs: np.ndarray, threshold: float | None, resamples: int = 0,
+                      seed: int = 0) -> dict:
+    """Validation metrics per acquisition era (see melanoma.data.acquisition_era), where two or more are present.
 
     A score over all validation images rewards telling the eras apart, which here also tells most nevi from most
     melanomas; within one era that shortcut is no use, so these are the figures to watch for new images."""
     names = [row["path"] for row in data.split_rows if row["role"] == "val"]
-    return _within_groups(data, val_probs, threshold, [acquisition_era(name) for name in names], ERAS)
+    eras = [acquisition_era(name) for name in names]
+    return _within_groups(data, val_probs, threshold, eras, ERAS, resamples, seed)
 
 
-def validation_by_source(data: PreparedData, val_probs: np.ndarray, threshold: float | None) -> dict:
+def validation_by_source(data: PreparedData, val_probs: np.ndarray, threshold: float | None, resamples: int = 0,
+                         seed: int = 0) -> dict:
     """Validation metrics per data source, where the validation split holds images of several sources."""
     sources = [row.get("source", "") for row in data.split_rows if row["role"] == "val"]
-    return _within_groups(data, val_probs, threshold, sources, sorted(set(sources)))
+    return _within_groups(data, val_probs, threshold, sources, sorted(set(sources)), resamples, seed)
 
 
 def _within_groups(data: PreparedData, val_probs: np.ndarray, threshold: float | None, groups: list[str],
-                   order) -> dict:
+                   order, resamples: int = 0, seed: int = 0) -> dict:
+    """Metrics within each group (n, melanoma count in ``melanoma.positives``), with 95 % stratified-bootstrap
+    intervals (``ci``) when ``resamples``."""
     groups = np.array(groups)
     if len(set(groups.tolist())) < 2:
         return {}
-    return {name: compute_metrics(data.val_labels[groups == name], val_probs[groups == name], data.classes,
-                                  threshold)
-            for name in order if (groups == name).any()}
+    parts = {}
+    for name in (name for name in order if (groups == name).any()):
+        labels, probs = data.val_labels[groups == name], val_probs[groups == name]
+        parts[name] = compute_metrics(labels, probs, data.classes, threshold)
+        if resamples:
+            parts[name]["ci"] = bootstrap_ci(labels, probs, data.classes, threshold, resamples=resamples, seed=seed)
+    return parts
 
 
 def _calibrate(run_dir: Path, val_probs: np.ndarray, val_labels: np.ndarray) -> dict:
