@@ -87,11 +87,21 @@ def _add_training_flags(parser: argparse.ArgumentParser, default_out: str, data_
                       help="one or more data sources, mixed as you like: ROOT/{Train,Test}/<class>/* or "
                            "ROOT/<class>/* folders, CSV manifests, ISIC Archive download folders; a repeated --data "
                            "adds sources" + ("" if data_required else "; not needed with --resume"))
+    data.add_argument("--external", metavar="DIR",
+                      help="external validation after training on a folder with labels.csv (image_id,class) and "
+                           "<class>/<image_id>.jpg, e.g. ../shared/data/external-dev: reported in metrics.json, never "
+                           "trained, calibrated or thresholded on (default: none)")
     data.add_argument("--audit", help="an audit folder (or its clean_manifest.csv); default: audit the data now, "
                                       "into RUN/audit")
+    data.add_argument("--image-root", help="folder that manifest image paths are relative to (default: the "
+                                           "manifest's folder); give the same as to `melanoma audit --image-root`")
     data.add_argument("--truth", nargs="+", action="extend", metavar="CSV",
                       help="official ISIC truth files for that audit (lesion ids, label checks); a repeated --truth "
                            "adds files")
+    data.add_argument("--metadata", nargs="+", action="extend", metavar="CSV", default=[],
+                      help="image metadata (age, sex, anatomic site, Fitzpatrick type, diagnosis confirmation, ...) "
+                           "keyed by an image id column (image_id, isic_id, image or id), for the per-subgroup "
+                           "metrics; adds to what the sources and --truth files carry; repeatable")
     data.add_argument("--no-clean", action="store_true", help="train on the folders as they are (no audit actions)")
     data.add_argument("--relabel", action="store_true", help="train on official-truth labels where they contradict "
                                                              "the folder")
@@ -120,10 +130,15 @@ def _add_training_flags(parser: argparse.ArgumentParser, default_out: str, data_
                        help="Gaussian blur (sigma in pixels at --image-size) inside the model, the same for every "
                             "source, so that sharpness cannot tell data sources apart (0 = off)")
     model.add_argument("--preset", help="augmentation: none, seed or dermoscopy")
+    model.add_argument("--rendering", action=argparse.BooleanOptionalAction,
+                       help="re-render each training image before the preset, as another source might have made the "
+                            "file: per-channel gain 0.95-1.05, gamma 0.9-1.1, downscale to 0.5-1.0 of the side, JPEG "
+                            "at quality 50-95, back up to its size (default: off in every recipe)")
     model.add_argument("--balance", help="none, weights, sampler or expand:N")
     model.add_argument("--era-balance", action=argparse.BooleanOptionalAction,
-                       help="with a sampler: within each class, draw the ISIC archive's 2016-17 images (id below "
-                            "0010000) and later ones equally often, so image age cannot stand in for the class")
+                       help="with a sampler: within each class, draw each collection (2016-17 archive: id below "
+                            "0024306; HAM10000: to 0034320; later) equally often, so image age cannot stand in for "
+                            "the class")
     length = model.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=_bounded_int(1, 10_000),
                         help="passes over the training split (default: the recipe's length)")
@@ -218,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", nargs="+", action="extend", metavar="SOURCE",
                           help="data sources holding the split (default: the run's training data)")
     evaluate.add_argument("--split", default="Test", help="split folder to score (default: Test)")
+    evaluate.add_argument("--metadata", nargs="+", action="extend", metavar="CSV", default=[],
+                          help="image metadata keyed by image id for the per-subgroup metrics, besides the run's own "
+                               "(--truth, --metadata of training) and the sources'; repeatable")
     evaluate.add_argument("--out", help="output folder (default: RUN/evaluation-<split>)")
     evaluate.add_argument("--bootstrap", type=_bounded_int(0, 100_000), default=1000,
                           help="bootstrap resamples (default: 1000; 0 = none)")
@@ -275,6 +293,18 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--opset", type=_bounded_int(13, 20), default=17,
                         help="ONNX opset, 13 to 20 (what PyTorch's exporter writes and onnxruntime reads; default: 17)")
     export.set_defaults(command="export")
+
+    fit_ood = verbs.add_parser(
+        "fit-ood", help="fit a run's out-of-distribution gate without retraining (RUN/ood_gate.npz)",
+        description="Reads the run's own training and validation images (its data sources and split.csv), fits the "
+                    "detector on the training images' pooled features and sets the threshold so that 95%% of the "
+                    "validation images pass. predict, serve and the web page then gate every image with it.")
+    fit_ood.add_argument("run", help="a run folder written by `melanoma train`")
+    fit_ood.add_argument("--detector", default="mahalanobis", choices=("mahalanobis", "energy", "knn"),
+                         help="the score (default: mahalanobis; docs/ood.md compares them)")
+    fit_ood.add_argument("--data", nargs="+", action="extend", metavar="SOURCE",
+                         help="data sources the run was trained on (default: the run's config)")
+    fit_ood.set_defaults(command="fit-ood")
 
     serve = verbs.add_parser(
         "serve", help="serve a run over HTTP: REST API and a web page (/) for the clinic",

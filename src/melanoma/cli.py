@@ -36,10 +36,12 @@ def _image_counter(description: str, total: int):
 def cmd_audit(args: argparse.Namespace) -> int:
     from melanoma.audit import AuditConfig, run_audit
     from melanoma.audit_report import write_audit
+    from melanoma.run_guards import check_audit_output
     from melanoma.sources import load_dataset, source_summary
     from melanoma.truth import load_ground_truth
 
     writable_output(args.out, folder=True)
+    check_audit_output(args.out, [*args.data, *(args.truth or []), *([args.image_root] if args.image_root else [])])
     index = load_dataset(args.data, image_root=args.image_root)
     truth = load_ground_truth(args.truth) if args.truth else None
     config = AuditConfig(near_threshold=args.near_threshold, workers=args.workers, seed=args.seed)
@@ -108,7 +110,7 @@ def _train_config(args: argparse.Namespace) -> "TrainConfig":
 
     return TrainConfig(
         data=args.data or [], out=args.out, model=args.model, recipe=args.recipe, freeze_stages=args.freeze_stages,
-        preset=args.preset, balance=args.balance, era_balance=args.era_balance,
+        preset=args.preset, rendering=args.rendering, balance=args.balance, era_balance=args.era_balance,
         epochs=args.epochs, image_steps=args.image_steps, batch_size=args.batch_size, lr=args.lr,
         optimizer=args.optimizer,
         weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, schedule=args.schedule,
@@ -118,7 +120,9 @@ def _train_config(args: argparse.Namespace) -> "TrainConfig":
         val_fraction=args.val_fraction, target_sensitivity=args.target_sensitivity, seed=args.seed,
         split_seed=args.split_seed,
         clean=not args.no_clean, relabel=args.relabel,
-        audit=args.audit, truth=args.truth or [], test_split=args.test_split, early_stopping=args.early_stopping,
+        audit=args.audit, external=getattr(args, "external", None), image_root=getattr(args, "image_root", None),
+        truth=args.truth or [], metadata=args.metadata or [], test_split=args.test_split,
+        early_stopping=args.early_stopping,
         num_workers=args.workers, threads=args.threads, accelerator=args.accelerator, devices=args.devices,
         num_nodes=args.num_nodes, strategy=args.strategy, precision=args.precision, overwrite=args.overwrite,
         resume=args.resume, progress=not args.no_progress,
@@ -155,14 +159,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.out:
         writable_output(args.out, folder=True)
     evaluate_run(args.run, data=args.data, split=args.split, out=args.out, resamples=args.bootstrap,
-                 target_sensitivity=args.target_sensitivity)
+                 target_sensitivity=args.target_sensitivity, metadata=args.metadata)
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     import json
 
-    from melanoma.inference import collect_inputs, prediction_columns, prediction_rows, predict_files, predict_sharded
+    from melanoma.inference import (collect_inputs, melanoma_notice, prediction_columns, prediction_rows, predict_files,
+                                    predict_sharded)
     from melanoma.run import Run
     from melanoma.io import atomic_write_text, write_csv
 
@@ -180,6 +185,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         atomic_write_text(args.out, json.dumps(rows, indent=2) + "\n")
     else:
         write_csv(args.out, rows, prediction_columns(run.classes))
+    if notice := melanoma_notice(run.classes):
+        print(f"note: {notice}")
     _print_predictions(predictions, run.threshold)
     print(f"wrote {args.out} ({len(rows)} rows, {sum(1 for p in predictions if p.error)} errors)")
     return 1 if all(p.error for p in predictions) else 0
@@ -194,15 +201,17 @@ def _print_predictions(predictions, threshold, limit: int = 20) -> None:
             continue
         alert = "MELANOMA ALERT" if p.melanoma_alert else "-"
         print(f"{p.image[:40]:<40} {p.top_class:<28} {p.probabilities[p.top_class]:>6.3f} "
-              f"{(p.melanoma_probability or 0):>11.3f}  {alert}")
+              f"{'n/a' if p.melanoma_probability is None else f'{p.melanoma_probability:.3f}':>11}  {alert}")
     if len(predictions) > limit:
         print(f"... {len(predictions) - limit} more in the output file")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from melanoma.model_card import write_model_card
     from melanoma.report import write_run_report
 
     print(f"wrote {write_run_report(args.run)}")
+    print(f"wrote {write_model_card(args.run)}")
     return 0
 
 
@@ -227,6 +236,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.format != "onnx":
         raise DataError(f"unknown export format '{args.format}' (onnx)")
     export_onnx(args.run, opset=args.opset)
+    return 0
+
+
+def cmd_fit_ood(args: argparse.Namespace) -> int:
+    from melanoma.ood_fit import fit_existing_run
+
+    fit_existing_run(args.run, detector=args.detector, data=args.data)
     return 0
 
 
@@ -275,7 +291,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 COMMANDS = {"audit": cmd_audit, "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
             "report": cmd_report, "compare": cmd_compare, "explain": cmd_explain, "export": cmd_export,
-            "serve": cmd_serve, "experiment": cmd_experiment}
+            "serve": cmd_serve, "experiment": cmd_experiment, "fit-ood": cmd_fit_ood}
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -289,7 +305,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
     from melanoma.explain import ExplainError
 
-    return (ModelError, RunError, PresetError, WeightsError, ExportError, ExplainError)
+    from melanoma.ood import GateError
+
+    return (ModelError, RunError, PresetError, WeightsError, ExportError, ExplainError, GateError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
