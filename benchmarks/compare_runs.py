@@ -26,7 +26,7 @@ from melanoma.consistency import audit_folder, copy_pairs, run_split, stressed
 from melanoma.data import ERAS, MELANOMA, ImageRecord, acquisition_era, build_cache
 from melanoma.evaluation import compute_metrics
 from melanoma.external import paired_auc_difference, read_external
-from melanoma.run import Run, read_run_json
+from melanoma.run import Run
 
 EXTERNAL_DEV = REPO.parent / "shared" / "data" / "external-dev"
 
@@ -70,10 +70,12 @@ def balanced_accuracy_difference(run_a: Path, run_b: Path, resamples: int, seed:
 
 def copy_agreement_difference(run_a: Path, run_b: Path, resamples: int, seed: int) -> dict:
     """Top-class agreement between the two files of every cross-source copy pair, per run, paired by pair."""
-    config = read_run_json(Path(run_a) / "config.json")
-    pairs = copy_pairs(audit_folder(config, Path(run_a)))
-    root = Path(read_run_json(Path(run_a) / "data.json").get("root", ""))
+    reference = Run.load(run_a)
+    pairs = copy_pairs(audit_folder(reference.config["config"], Path(run_a)))
+    root = run_split(run_a, "val", reference.image_size)[3]
     files = [file for pair in pairs for file in pair["files"]]
+    if not pairs:
+        raise SystemExit(f"{run_a}: its audit found no picture in two sources; nothing to compare")
     agree = []
     for run_dir in (run_a, run_b):
         run = Run.load(run_dir)
