@@ -36,7 +36,7 @@ def browser(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    return train_tiny_run(tmp_path_factory.mktemp("browser"), epochs=2, bootstrap=100)[1]
+    return train_tiny_run(tmp_path_factory.mktemp("browser"), per_class=30, epochs=2, bootstrap=100)[1]
 
 
 def _screenshot(browser, name: str) -> None:

@@ -27,7 +27,7 @@ def _far_images() -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    return train_tiny_run(tmp_path_factory.mktemp("ood"), per_class=10, epochs=3)
+    return train_tiny_run(tmp_path_factory.mktemp("ood"), per_class=30, epochs=3)
 
 
 # --- detectors on features -----------------------------------------------------------------------------------
@@ -80,7 +80,7 @@ def test_training_fits_the_gate_and_it_passes_lesions_and_rejects_blank_and_nois
     import json
 
     summary = json.loads((run_dir / "metrics.json").read_text())["ood_gate"]
-    assert summary["detector"] == "mahalanobis" and summary["validation_pass_rate"] >= 0.95
+    assert summary["detector"] == "knn" and summary["validation_pass_rate"] >= 0.95
     run = Run.load(run_dir, backend="torch")
     lesions = run.answers(np.stack([lesion_image(5000 + i, 40) for i in range(12)]))
     assert lesions.in_distribution.mean() >= 0.75
@@ -125,8 +125,12 @@ def test_fit_ood_fits_the_gate_of_an_existing_run_from_its_own_data(trained, tmp
     assert cli_main(["fit-ood", str(old)]) == 0
     refitted, original = load_gate(old), load_gate(run_dir)
     assert refitted.threshold == pytest.approx(original.threshold, rel=1e-4)
-    assert cli_main(["fit-ood", str(old), "--detector", "knn"]) == 0
-    assert Run.load(old).gate.detector == "knn"
+    assert cli_main(["fit-ood", str(old), "--detector", "mahalanobis"]) == 0
+    assert Run.load(old).gate.detector == "mahalanobis"
+    # metrics.json and the model card follow the refitted gate, not the one training wrote
+    import json
+    assert json.loads((old / "metrics.json").read_text())["ood_gate"]["detector"] == "mahalanobis"
+    assert "mahalanobis" in (old / "MODEL_CARD.md").read_text()
 
 
 def test_a_gate_of_another_model_is_refused_in_one_line(trained, tmp_path, capsys):

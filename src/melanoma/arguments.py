@@ -300,8 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "detector on the training images' pooled features and sets the threshold so that 95%% of the "
                     "validation images pass. predict, serve and the web page then gate every image with it.")
     fit_ood.add_argument("run", help="a run folder written by `melanoma train`")
-    fit_ood.add_argument("--detector", default="mahalanobis", choices=("mahalanobis", "energy", "knn"),
-                         help="the score (default: mahalanobis; docs/ood.md compares them)")
+    fit_ood.add_argument("--detector", default="knn", choices=("mahalanobis", "energy", "knn"),
+                         help="the score (default: knn; docs/ood.md compares them)")
     fit_ood.add_argument("--data", nargs="+", action="extend", metavar="SOURCE",
                          help="data sources the run was trained on (default: the run's config)")
     fit_ood.set_defaults(command="fit-ood")

@@ -32,9 +32,10 @@ from melanoma.io import atomic_write_bytes
 GATE_FILE = "ood_gate.npz"
 GATE_FORMAT = "melanoma-ood-gate-v1"
 DETECTORS = ("mahalanobis", "energy", "knn")
-DEFAULT_DETECTOR = "mahalanobis"
+DEFAULT_DETECTOR = "knn"  # rejected every far set and 99 % of clinical photos on the main job (docs/ood.md)
 KEEP = 0.95              # share of in-distribution validation images that must pass
 KNN_K = 10
+KNN_PER_NEIGHBOUR = 50  # k grows with the bank up to KNN_K: one neighbour per 50 training images (Sun et al. 2022)
 KNN_BANK = 10_000        # at most this many training images kept for kNN (a seeded subsample beyond)
 REASON = "out of distribution: this does not look like a dermoscopic lesion image"
 # what each detector keeps, and with which dimensions ("C" classes, "D" feature dimension)
@@ -71,6 +72,11 @@ class OODGate:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Detectors
+
+
+def knn_k(bank_size: int) -> int:
+    """The neighbour whose distance is the kNN score: the 10th for 500 or more training images, fewer for fewer."""
+    return max(1, min(KNN_K, bank_size // KNN_PER_NEIGHBOUR))
 
 
 def fit_detector(detector: str, features: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
@@ -111,7 +117,7 @@ def detector_scores(detector: str, arrays: dict[str, np.ndarray], features: np.n
     features = np.asarray(features, dtype=np.float64)
     if detector == "knn":
         similarity = _normalised(features) @ arrays["bank"].astype(np.float64).T
-        k = min(KNN_K, similarity.shape[1])
+        k = knn_k(similarity.shape[1])
         kth = -np.partition(-similarity, k - 1, axis=1)[:, k - 1]
         return 1.0 - kth
     precision = arrays["precision"].astype(np.float64)
@@ -142,7 +148,8 @@ def fit_gate(detector: str, train_features: np.ndarray, train_labels: np.ndarray
     threshold = choose_threshold(val_scores, keep)
     info = {"fitted_on": "train", "threshold_on": "validation", "keep": keep, "n_train": int(len(train_labels)),
             "n_validation": int(len(val_scores)), "validation_pass_rate": float((val_scores <= threshold).mean()),
-            "feature_dim": int(np.asarray(train_features).shape[1]), "k": KNN_K if detector == "knn" else None}
+            "feature_dim": int(np.asarray(train_features).shape[1]),
+            "k": knn_k(len(train_features)) if detector == "knn" else None}
     return OODGate(detector, threshold, arrays, checkpoint_sha256, info)
 
 

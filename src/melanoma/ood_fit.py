@@ -15,7 +15,8 @@ import torch
 from melanoma.data import display_name
 from melanoma.ood import DEFAULT_DETECTOR, OODGate, fit_gate, save_gate
 from melanoma.probabilities import predict_outputs
-from melanoma.run import BEST, CHECKPOINT_DIR, Run, RunError, file_sha256
+from melanoma.io import write_json
+from melanoma.run import BEST, CHECKPOINT_DIR, METRICS, Run, RunError, file_sha256, read_run_json
 
 
 def fit_run_gate(run_dir: Path, model: torch.nn.Module, image_size: int, train_images: np.ndarray,
@@ -71,8 +72,22 @@ def fit_existing_run(run_dir: str | os.PathLike, detector: str = DEFAULT_DETECTO
     images = run_split_images(run, ("train", "val"), data)
     if not len(images["train"][1]) or not len(images["val"][1]):
         raise RunError(f"{display_name(Path(run_dir))}: split.csv names no training or no validation images")
-    return fit_run_gate(run.path, run.model, run.image_size, *images["train"], images["val"][0], run.device,
+    gate = fit_run_gate(run.path, run.model, run.image_size, *images["train"], images["val"][0], run.device,
                         detector, log)
+    _record_gate(run.path, gate, log)
+    return gate
+
+
+def _record_gate(run_dir: Path, gate: OODGate, log=print) -> None:
+    """metrics.json's ``ood_gate`` section and MODEL_CARD.md follow the gate now in the run folder."""
+    from melanoma.model_card import write_model_card
+
+    metrics_path = run_dir / METRICS
+    if not metrics_path.is_file():
+        return
+    metrics = read_run_json(metrics_path)
+    write_json(metrics_path, metrics | {"ood_gate": gate_summary(gate)})
+    log(f"updated {display_name(metrics_path)} and {display_name(write_model_card(run_dir))}")
 
 
 def fit_after_training(run_dir: Path, model: torch.nn.Module, image_size: int, data, device="cpu", log=print) -> dict:
