@@ -132,6 +132,11 @@ def test_a_test_picture_in_two_sources_is_scored_once(tmp_path):
     assert summary["test_dropped"] == {"drop-duplicate": 6}
     with open(run / "test_predictions.csv", newline="", encoding="utf-8") as handle:
         assert len(list(csv.DictReader(handle))) == 6
+    # evaluate scores the same six pictures, once each, and says what it left out
+    from melanoma.evaluation import evaluate_run
+
+    report = evaluate_run(str(run), resamples=0, out=str(tmp_path / "eval"), log=lambda *a: None)
+    assert report["all"]["n"] == 6 and report["not_scored"] == {"drop-duplicate": 6}
 
 
 # --- 5: many repeated rows ------------------------------------------------------------------------------------------

@@ -257,6 +257,7 @@ def evaluate_run(run_dir: str, data: str | None = None, split: str = "Test", out
     from melanoma.data import build_cache, display_name
     from melanoma.metadata import check_metadata_files
     from melanoma.sources import load_dataset
+    from melanoma.splits import HELDOUT_COPIES, select_heldout
     from melanoma.run import Run
     from melanoma.io import save_figure, write_csv, write_json
     from melanoma.plots import confusion_figure, roc_pr_figures
@@ -264,16 +265,22 @@ def evaluate_run(run_dir: str, data: str | None = None, split: str = "Test", out
     check_metadata_files(metadata)
     run = Run.load(run_dir)
     index = load_dataset(data or run.config["config"]["data"])
-    records = _split_records(index, split)
     _check_same_classes(run.classes, index.classes)
-    leaked = _leak_flags(Path(run_dir), index, records)
+    # the held-out images as training scored them: one vote per picture (a copy in a second source is not scored)
+    # (an unreadable file stays: it is reported as an error row, not silently left out)
+    heldout = select_heldout(index, split, _audit_rows(Path(run_dir), run.config["config"], index,
+                                                       _split_records(index, split)), HELDOUT_COPIES)
+    records, leaked = heldout.records, heldout.leaked
+    if heldout.dropped:
+        log(f"not scored, as the audit says: {', '.join(f'{n} {action}' for action, n in heldout.dropped.items())}")
     cache = build_cache(records, size=run.image_size)
     ok = cache.ok_indices
     labels = np.asarray([run.classes.index(records[i].label) for i in ok])
     probs = run.probabilities(cache.images[ok])
     clean = np.asarray([not leaked[i] for i in ok], dtype=bool)
     report = {"run": str(run_dir), "data": display_name(index.root), "split": split, "tta": run.tta,
-              "alert_threshold": run.threshold, "unreadable": [cache.errors[i] for i in sorted(cache.errors)]}
+              "alert_threshold": run.threshold, "unreadable": [cache.errors[i] for i in sorted(cache.errors)],
+              "not_scored": dict(heldout.dropped)}
     for subset, mask in (("all", np.ones(len(ok), dtype=bool)), ("clean", clean)):
         scores = compute_metrics(labels[mask], probs[mask], run.classes, run.threshold)
         if resamples and mask.any():
@@ -352,22 +359,25 @@ def _check_same_classes(run_classes: Sequence[str], data_classes: Sequence[str])
                         + f"run: {', '.join(run_classes)} | data: {', '.join(data_classes)}")
 
 
-def _leak_flags(run_dir, index, records) -> list[bool]:
-    """Which records leaked into Train, from the run's own audit when it audited this data, else a fresh audit."""
+def _audit_rows(run_dir, run_config: dict, index, records) -> list[dict]:
+    """The clean-manifest rows of the audit the run trained with (its --audit folder or its own), when that audit
+    covers ``records``; else a fresh audit of ``index``."""
     import csv as csv_module
 
+    from melanoma.consistency import audit_folder
     from melanoma.splits import record_key, rows_by_key
 
-    manifest_path = run_dir / "audit" / "clean_manifest.csv"
-    rows = {}
+    manifest_path = audit_folder(run_config, run_dir) / "clean_manifest.csv"
+    rows: list[dict] = []
     if manifest_path.is_file():  # written with surrogateescape: a file name that is not UTF-8 reads back as it was
         with open(manifest_path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
-            rows = rows_by_key(list(csv_module.DictReader(handle)))
-    if not all(record_key(r, rows) in rows for r in records):
+            rows = list(csv_module.DictReader(handle))
+    by_key = rows_by_key(rows)
+    if not rows or not all(record_key(r, by_key) in by_key for r in records):
         from melanoma.audit import run_audit
 
-        rows = rows_by_key(run_audit(index).manifest)
-    return [bool(int(rows[record_key(r, rows)]["leaked"])) for r in records]
+        rows = run_audit(index).manifest
+    return rows
 
 
 def _log_evaluation(report: dict, out_dir, log) -> None:

@@ -48,14 +48,18 @@ def select_validation(index: DatasetIndex, manifest: Sequence[dict] | None, rela
     return _apply_manifest(records, manifest, relabel) if records else None
 
 
-def select_heldout(index: DatasetIndex, split: str, manifest: Sequence[dict] | None) -> Selection:
+HELDOUT_COPIES = (ACTION_EXCLUDE_DISPUTED, ACTION_DROP_DUPLICATE)  # one picture, one vote; unreadable files kept
+
+
+def select_heldout(index: DatasetIndex, split: str, manifest: Sequence[dict] | None,
+                   dropping: Sequence[str] = HELDOUT_DROPPING) -> Selection:
     """A held-out split as it is (never cleaned or relabelled), with each image's leak flag from the audit; only the
-    actions of ``HELDOUT_DROPPING`` remove an image, counted in ``dropped``."""
+    actions in ``dropping`` remove an image, counted in ``dropped``."""
     selection = Selection(records=[], labels=[], groups=[])
     rows = rows_by_key(manifest)
     for record in index.in_split(split):
         row = rows.get(record_key(record, rows))
-        if row is not None and row["action"] in HELDOUT_DROPPING:
+        if row is not None and row["action"] in dropping:
             selection.dropped[row["action"]] += 1
             continue
         selection.records.append(record)
