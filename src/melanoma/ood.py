@@ -116,7 +116,8 @@ def detector_scores(detector: str, arrays: dict[str, np.ndarray], features: np.n
         raise GateError(f"the {detector} detector needs the model's pooled features")
     features = np.asarray(features, dtype=np.float64)
     if detector == "knn":
-        similarity = _normalised(features) @ arrays["bank"].astype(np.float64).T
+        # in the bank's float32: converting the whole bank to float64 on every request cost ~9 ms of CPU each
+        similarity = (_normalised(features).astype(np.float32) @ arrays["bank"].T).astype(np.float64)
         k = knn_k(similarity.shape[1])
         kth = -np.partition(-similarity, k - 1, axis=1)[:, k - 1]
         return 1.0 - kth
