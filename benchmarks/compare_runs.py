@@ -17,6 +17,7 @@ lower is better, so B - A < 0 is a gain.
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,102 +32,107 @@ from melanoma.run import Run
 EXTERNAL_DEV = REPO.parent / "shared" / "data" / "external-dev"
 
 
-def validation_scores(run_dir: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
-    names, labels, probs, _ = validation_probabilities(run_dir)
-    m = Run.load(run_dir).classes.index(MELANOMA)
-    return names, labels == m, probs[:, m]
+@dataclass
+class Validation:
+    """One run's validation split, decoded and scored once: every signal below reads it."""
 
+    run: Run
+    names: list[str]
+    labels: np.ndarray
+    probs: np.ndarray
+    images: np.ndarray
+    root: Path
 
-def validation_probabilities(run_dir: Path) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
-    """(names, labels, probabilities, images) of the run's validation split."""
-    run = Run.load(run_dir)
-    names, labels, images, _ = run_split(run_dir, "val", run.image_size)
-    return names, labels, run.probabilities(images), images
-
-
-def paired_difference(statistic, a: np.ndarray, b: np.ndarray, resamples: int, seed: int) -> dict:
-    """statistic(b) - statistic(a) on the same resampled rows, with its 95 % interval."""
-    rng = np.random.default_rng(seed)
-    rows = [rng.integers(0, len(a), len(a)) for _ in range(resamples)]
-    differences = np.array([statistic(b[r]) - statistic(a[r]) for r in rows])
-    low, high = (float(v) for v in np.percentile(differences, [2.5, 97.5]))
-    return {"a": float(statistic(a)), "b": float(statistic(b)), "difference": float(statistic(b) - statistic(a)),
-            "low": low, "high": high, "n": len(a), "resamples": resamples, "outside_noise": bool(low > 0 or high < 0)}
-
-
-def balanced_accuracy_difference(run_a: Path, run_b: Path, resamples: int, seed: int) -> dict:
-    _, labels, probs_a, _ = validation_probabilities(run_a)
-    _, _, probs_b, _ = validation_probabilities(run_b)
-    classes = Run.load(run_a).classes
-    rows = np.column_stack([labels, probs_a.argmax(1), probs_b.argmax(1)])
-
-    def balanced(which: int):
-        return lambda part: compute_metrics(part[:, 0], np.eye(len(classes))[part[:, which]], classes,
-                                            None)["balanced_accuracy"]
-    a, b = balanced(1), balanced(2)
-    return paired_difference(lambda part: b(part) - a(part), np.zeros_like(rows), rows, resamples, seed) | {
-        "a": a(rows), "b": b(rows)}
-
-
-def copy_agreement_difference(run_a: Path, run_b: Path, resamples: int, seed: int) -> dict:
-    """Top-class agreement between the two files of every cross-source copy pair, per run, paired by pair."""
-    reference = Run.load(run_a)
-    pairs = copy_pairs(audit_folder(reference.config["config"], Path(run_a)))
-    root = run_split(run_a, "val", reference.image_size)[3]
-    files = [file for pair in pairs for file in pair["files"]]
-    if not pairs:
-        raise SystemExit(f"{run_a}: its audit found no picture in two sources; nothing to compare")
-    agree = []
-    for run_dir in (run_a, run_b):
+    @classmethod
+    def of(cls, run_dir: Path) -> "Validation":
         run = Run.load(run_dir)
-        cache = build_cache([ImageRecord(path=root / f, rel_path=f, label="") for f in files], size=run.image_size)
+        names, labels, images, root = run_split(run_dir, "val", run.image_size)
+        return cls(run, names, labels, run.probabilities(images), images, Path(root))
+
+    @property
+    def melanoma(self) -> int:
+        return self.run.classes.index(MELANOMA)
+
+
+def paired_difference(statistic_a, statistic_b, n: int, resamples: int, seed: int) -> dict:
+    """statistic_b(rows) - statistic_a(rows) on the same resampled rows of n, with its 95 % interval; each statistic
+    takes an index array."""
+    rng = np.random.default_rng(seed)
+    everything = np.arange(n)
+    differences = np.array([statistic_b(rows) - statistic_a(rows)
+                            for rows in (rng.integers(0, n, n) for _ in range(resamples))])
+    low, high = (float(v) for v in np.percentile(differences, [2.5, 97.5]))
+    a, b = float(statistic_a(everything)), float(statistic_b(everything))
+    return {"a": a, "b": b, "difference": b - a, "low": low, "high": high, "n": n, "resamples": resamples,
+            "outside_noise": bool(low > 0 or high < 0)}
+
+
+def mean_difference(a: np.ndarray, b: np.ndarray, resamples: int, seed: int) -> dict:
+    return paired_difference(lambda rows: a[rows].mean(), lambda rows: b[rows].mean(), len(a), resamples, seed)
+
+
+def balanced_accuracy_difference(a: Validation, b: Validation, resamples: int, seed: int) -> dict:
+    def balanced(probs: np.ndarray):
+        return lambda rows: compute_metrics(a.labels[rows], probs[rows], a.run.classes, None)["balanced_accuracy"]
+    return paired_difference(balanced(a.probs), balanced(b.probs), len(a.labels), resamples, seed)
+
+
+def copy_agreement_difference(a: Validation, b: Validation, resamples: int, seed: int) -> dict:
+    """Top-class agreement between the two files of every cross-source copy pair, per run, paired by pair."""
+    pairs = copy_pairs(audit_folder(a.run.config["config"], a.run.path))
+    if not pairs:
+        raise SystemExit(f"{a.run.path}: its audit found no picture in two sources; nothing to compare")
+    records = [ImageRecord(path=a.root / f, rel_path=f, label="") for pair in pairs for f in pair["files"]]
+    agree = []
+    for side in (a, b):
+        cache = build_cache(records, size=side.run.image_size)
         if cache.errors:
             raise SystemExit(f"unreadable copy files: {'; '.join(list(cache.errors.values())[:3])}")
-        top = run.probabilities(cache.images).argmax(1)
+        top = side.run.probabilities(cache.images).argmax(1)
         agree.append((top[0::2] == top[1::2]).astype(float))
-    return paired_difference(np.mean, agree[0], agree[1], resamples, seed)
+    return mean_difference(*agree, resamples, seed)
 
 
-def rerender_alert_difference(run_a: Path, run_b: Path, resamples: int, seed: int) -> dict:
+def rerender_alert_difference(a: Validation, b: Validation, resamples: int, seed: int) -> dict:
     """Share of validation images whose melanoma alert changes when re-rendered, per run at its own threshold."""
     changed = []
-    for run_dir in (run_a, run_b):
-        run = Run.load(run_dir)
-        _, _, probs, images = validation_probabilities(run_dir)
-        m = run.classes.index(MELANOMA)
-        after = run.probabilities(stressed(images, "re-render", seed))
-        changed.append(((probs[:, m] >= run.threshold) != (after[:, m] >= run.threshold)).astype(float))
-    return paired_difference(np.mean, changed[0], changed[1], resamples, seed)
-def external_scores(run_dir: Path, folder: Path) -> tuple[np.ndarray, np.ndarray]:
-    run = Run.load(run_dir)
+    for side in (a, b):
+        after = side.run.probabilities(stressed(side.images, "re-render", seed))[:, side.melanoma]
+        before = side.probs[:, side.melanoma]
+        changed.append(((before >= side.run.threshold) != (after >= side.run.threshold)).astype(float))
+    return mean_difference(*changed, resamples, seed)
+
+
+def external_scores(run: Run, folder: Path) -> tuple[np.ndarray, np.ndarray]:
     records = read_external(folder, run.classes)
     cache = build_cache(records, size=run.image_size)
     if cache.errors:
         raise SystemExit(f"unreadable external images: {'; '.join(cache.errors.values())}")
-    m = run.classes.index(MELANOMA)
-    return np.array([r.label == MELANOMA for r in records]), run.probabilities(cache.images)[:, m]
+    return (np.array([r.label == MELANOMA for r in records]),
+            run.probabilities(cache.images)[:, run.classes.index(MELANOMA)])
 
 
 def compare(run_a: Path, run_b: Path, external: Path | None, resamples: int, seed: int = 0,
             rule_signals: bool = True) -> dict:
-    names, is_melanoma, score_a = validation_scores(run_a)
-    names_b, _, score_b = validation_scores(run_b)
-    if names != names_b:
+    a, b = Validation.of(run_a), Validation.of(run_b)
+    if a.names != b.names:
         raise SystemExit(f"{run_a} and {run_b} have different validation splits: a paired comparison needs the same "
                          "images (train both with the same data, audit and --split-seed)")
-    eras = np.array([acquisition_era(name) for name in names])
-    parts = {"validation": np.ones(len(names), dtype=bool)} | {f"validation, {era}": eras == era for era in ERAS
-                                                                if (eras == era).any()}
-    result = {name: paired_auc_difference(is_melanoma[mask], score_a[mask], score_b[mask], resamples, seed)
+    is_melanoma = a.labels == a.melanoma
+    eras = np.array([acquisition_era(name) for name in a.names])
+    parts = {"validation": np.ones(len(a.names), dtype=bool)} | {f"validation, {era}": eras == era for era in ERAS
+                                                                  if (eras == era).any()}
+    result = {name: paired_auc_difference(is_melanoma[mask], a.probs[mask, a.melanoma], b.probs[mask, b.melanoma],
+                                          resamples, seed)
               for name, mask in parts.items()}
     if external is not None:
-        truth, ext_a = external_scores(run_a, external)
-        _, ext_b = external_scores(run_b, external)
+        truth, ext_a = external_scores(a.run, external)
+        _, ext_b = external_scores(b.run, external)
         result["external"] = paired_auc_difference(truth, ext_a, ext_b, resamples, seed)
     if rule_signals:
-        result["balanced accuracy, validation"] = balanced_accuracy_difference(run_a, run_b, resamples, seed)
-        result["copy agreement"] = copy_agreement_difference(run_a, run_b, resamples, seed)
-        result["re-render alert changes"] = rerender_alert_difference(run_a, run_b, resamples, seed)
+        result["balanced accuracy, validation"] = balanced_accuracy_difference(a, b, resamples, seed)
+        result["copy agreement"] = copy_agreement_difference(a, b, resamples, seed)
+        result["re-render alert changes"] = rerender_alert_difference(a, b, resamples, seed)
     return result
 
 
