@@ -17,6 +17,7 @@ does not belong to the run's model is refused.
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -62,7 +63,13 @@ class OODGate:
         return self.detector != "energy"
 
     def scores(self, features: np.ndarray | None, logits: np.ndarray | None) -> np.ndarray:
-        return detector_scores(self.detector, self.arrays, features, logits)
+        return detector_scores(self.detector, self._scoring_arrays, features, logits)
+
+    @functools.cached_property
+    def _scoring_arrays(self) -> dict[str, np.ndarray]:
+        """The Mahalanobis arrays in float64 once per gate, not once per request (the file keeps float32)."""
+        return {name: np.asarray(array, dtype=np.float64) if name in ("means", "precision") else array
+                for name, array in self.arrays.items()}
 
     def decide(self, features: np.ndarray | None, logits: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """(scores, in_distribution) for N images; an image passes when its score is at most the threshold."""
@@ -121,8 +128,8 @@ def detector_scores(detector: str, arrays: dict[str, np.ndarray], features: np.n
         k = knn_k(similarity.shape[1])
         kth = -np.partition(-similarity, k - 1, axis=1)[:, k - 1]
         return 1.0 - kth
-    precision = arrays["precision"].astype(np.float64)
-    means = arrays["means"].astype(np.float64)
+    precision = np.asarray(arrays["precision"], dtype=np.float64)  # no copy when the gate already converted it
+    means = np.asarray(arrays["means"], dtype=np.float64)
     projected = features @ precision
     distances = ((projected * features).sum(axis=1)[:, None] - 2 * projected @ means.T
                  + ((means @ precision) * means).sum(axis=1)[None, :])
