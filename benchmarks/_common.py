@@ -31,7 +31,7 @@ def machine() -> dict:
 
     import torch
 
-    from melanoma.hardware import cpu_has_native_bf16, cpu_model_name
+    from melanoma.core.hardware import cpu_has_native_bf16, cpu_model_name
 
     # training takes ~2.4x as long without bf16 instructions, so a timing is only comparable on the same kind
     return {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),

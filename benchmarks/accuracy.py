@@ -20,11 +20,12 @@ import time
 from pathlib import Path
 
 from _common import TRUTH_FILES, default_sources, print_table, write_results
-from melanoma.arguments import build_parser
-from melanoma.cli import _quiet_lightning, _train_config
+
+from melanoma.cli.arguments import build_parser
+from melanoma.cli.main import _quiet_lightning, _train_config
 from melanoma.config import TrainConfig
-from melanoma.run import read_run_json
-from melanoma.training import train
+from melanoma.runs.layout import read_run_json
+from melanoma.train.pipeline import train
 
 ROWS = ("balanced_accuracy", "macro_f1", "melanoma_auc", "melanoma_sensitivity", "melanoma_specificity")
 

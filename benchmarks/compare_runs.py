@@ -3,9 +3,9 @@ item 3).
 
 Both runs score the same images: their common validation split (they must have been trained with the same split:
 same data, audit and --split-seed) and the external set (by default ../shared/data/external-dev, never trained,
-calibrated or thresholded on). For all validation images, each acquisition era (melanoma.data.ERAS) and the external
-set it prints each run's melanoma AUC, B minus A, and the 95 % interval of that difference from the same stratified
-resamples for both runs. A difference counts only when its interval excludes 0 ("outside noise").
+calibrated or thresholded on). For all validation images, each acquisition era (melanoma.data.records.ERAS) and the
+external set it prints each run's melanoma AUC, B minus A, and the 95 % interval of that difference from the same
+stratified resamples for both runs. A difference counts only when its interval excludes 0 ("outside noise").
 
 The rule's other signals come from the same paired resamples of images (or copy pairs): validation balanced accuracy,
 top-class agreement between the two files of each picture the audit found in two sources, and the share of
@@ -21,13 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from _common import REPO, print_table, write_results
-from melanoma.consistency import audit_folder, copy_pairs, run_split, stressed
-from melanoma.data import ERAS, MELANOMA, ImageRecord, acquisition_era, build_cache
-from melanoma.evaluation import compute_metrics
-from melanoma.external import paired_auc_difference, read_external
-from melanoma.run import Run
+
+from melanoma.assess.consistency import copy_pairs, stressed
+from melanoma.assess.external import read_external
+from melanoma.assess.intervals import paired_auc_difference
+from melanoma.assess.metrics import compute_metrics
+from melanoma.data.images import build_cache
+from melanoma.data.records import ERAS, MELANOMA, ImageRecord, acquisition_era
+from melanoma.runs.layout import audit_folder, run_split
+from melanoma.runs.run import Run
 
 EXTERNAL_DEV = REPO.parent / "shared" / "data" / "external-dev"
 

@@ -20,8 +20,10 @@ import time
 from pathlib import Path
 
 from _common import print_table, write_results
-from melanoma.consistency import audit_folder, measure_consistency, run_split, trained_files
-from melanoma.run import Run
+
+from melanoma.assess.consistency import measure_consistency
+from melanoma.runs.layout import audit_folder, run_split, trained_files
+from melanoma.runs.run import Run
 
 
 def measure(run_dir: Path, pairs: int | None, images: int | None, seed: int) -> dict:

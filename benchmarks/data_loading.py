@@ -11,8 +11,9 @@ import resource
 import time
 
 from _common import print_table, require_shared_data, write_results
-from melanoma.data import build_cache
-from melanoma.sources import discover_folder
+
+from melanoma.data.images import build_cache
+from melanoma.data.sources import discover_folder
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Does a run tell melanoma from nevus by the lesion, or by the image's age? A validation-only diagnostic.
 
-The "old era" is melanoma.data.ERAS[0], the 2016-17 archive: ISIC ids below ISIC_0024306, the archive's images of
-the ISIC 2016 and 2017 challenges, before HAM10000 (until issue #25 it was ids below ISIC_0010000, which left most
+The "old era" is melanoma.data.records.ERAS[0], the 2016-17 archive: ISIC ids below ISIC_0024306, the archive's images
+of the ISIC 2016 and 2017 challenges, before HAM10000 (until issue #25 it was ids below ISIC_0010000, which left most
 challenge images in "later"). In this dataset most Train nevi are from the old archive while most Train melanomas are
 newer, so "new-looking image" is a shortcut to "not a nevus" that a validation score over all images rewards.
 This script re-scores each run's own validation split (drawn from Train; nothing from Test is scored) and reports
@@ -19,14 +19,14 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+from _common import print_table, write_results
 from sklearn.metrics import roc_auc_score
 
-from _common import print_table, write_results
-from melanoma.data import ERAS, MELANOMA, acquisition_era
-from melanoma.run import Run
-from melanoma.io import read_json
 from melanoma.config import TrainConfig
-from melanoma.prepare import prepare_data
+from melanoma.core.io import read_json
+from melanoma.data.records import ERAS, MELANOMA, acquisition_era
+from melanoma.runs.run import Run
+from melanoma.train.prepare import prepare_data
 
 
 def era_scores(run_dir: Path) -> dict:

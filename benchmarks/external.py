@@ -14,8 +14,9 @@ import argparse
 from pathlib import Path
 
 from _common import REPO, print_table, write_results
-from melanoma.external import external_validation
-from melanoma.run import Run
+
+from melanoma.assess.external import external_validation
+from melanoma.runs.run import Run
 
 EXTERNAL_DEV = REPO.parent / "shared" / "data" / "external-dev"
 

@@ -18,10 +18,10 @@ import time
 
 import numpy as np
 import torch
-
 from _common import print_table, write_results
-from melanoma.export import _WithSoftmax
-from melanoma.models import ModelSpec, build_model, default_normalization
+
+from melanoma.deploy.export import _WithSoftmax
+from melanoma.models.networks import ModelSpec, build_model, default_normalization
 
 MODELS = (("seed-cnn", 180), ("tf_efficientnet_lite0", 224))
 

@@ -1,4 +1,4 @@
-"""Near-copy search: the audit's two-stage method (melanoma.nearcopy) beside the 256-bit pHash it replaced.
+"""Near-copy search: the audit's two-stage method (melanoma.audit.nearcopy) beside the 256-bit pHash it replaced.
 
 Both methods run on the same images in one run:
 
@@ -10,13 +10,13 @@ Both methods run on the same images in one run:
   VERIFIED_SAME_PICTURE; should be flagged), another photo of the same HAM10000 lesion (ideally not flagged; the audit
   groups those by lesion id anyway) and every other pair (different pictures: must not be flagged);
 * turned copies (issue 23: flips, 90-degree turns, Augmentor's rotate-and-crop up to 10 degrees, combinations) of
-  the same N images through ``nearcopy.near_copies``, with and without the turned search (melanoma.nearcopy_views),
-  and what the turned search flags among the real pairs beyond the box search;
+  the same N images through ``nearcopy.near_copies``, with and without the turned search
+  (melanoma.audit.nearcopy_views), and what the turned search flags among the real pairs beyond the box search;
 * the margin (farthest real copy vs closest non-copy) and the wall and CPU time of each stage.
 
 Old: pHash (hash_size 16, ImageHash; only in the dev extra, its columns are skipped without it), copies within 20
 bits, as the audit did before. New: distance ``1 - min(structure, detail)`` after alignment, copies within
-``nearcopy.THRESHOLD``. A check runs the audit's own entry point (melanoma.fingerprints) on the images of the
+``nearcopy.THRESHOLD``. A check runs the audit's own entry point (melanoma.audit.copies) on the images of the
 flagged cross-id pairs and expects the same pairs and distances.
 
     python benchmarks/near_copies.py [--synthetic 300] [--quick] [--workers 2] [--json FILE]
@@ -38,13 +38,14 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import numpy as np
+from _common import HAM10000_METADATA, default_sources, print_table, write_results
 from PIL import Image, ImageEnhance
 
-from _common import HAM10000_METADATA, default_sources, print_table, write_results
-from melanoma import fingerprints, nearcopy, nearcopy_views
-from melanoma.balance import augmentor_rotate
-from melanoma.data import decode_image
-from melanoma.sources import load_dataset
+from melanoma.audit import copies as fingerprints
+from melanoma.audit import nearcopy, nearcopy_views
+from melanoma.data.images import decode_image
+from melanoma.data.sources import load_dataset
+from melanoma.train.balance import augmentor_rotate
 
 try:
     import imagehash
@@ -572,7 +573,7 @@ def main() -> None:
     note = (f"Timings are indicative: the {os.cpu_count()} cores were shared with other jobs (load average "
             f"{load_before:.1f} at the start, {load_after:.1f} at the end); the CPU seconds are the better guide.")
     print(note)
-    print(f"audit entry point (melanoma.fingerprints) on the {check['images']} images of those pairs: "
+    print(f"audit entry point (melanoma.audit.copies) on the {check['images']} images of those pairs: "
           f"{'same pairs' if check['same_pairs'] else 'DIFFERENT PAIRS'}, distances within "
           f"{check['max_distance_difference']:.1e}")
     del real["_new_flagged"]

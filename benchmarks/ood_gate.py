@@ -12,8 +12,8 @@ the data's Test split (held out: how many of its images pass at that threshold).
   both are still pictures of lesions, only degraded, so a detector that passes them is not wrong.
 
 scikit-image's ``data`` images are used when scikit-image is installed (it is not a dependency; skipped otherwise).
-Detectors (``melanoma.ood``): mahalanobis, energy, knn; ``msp`` (1 - max softmax) is the baseline. Each is fitted on
-the run's training images, as ``melanoma fit-ood`` does. Scores: higher = more out of distribution; AUROC with the
+Detectors (``melanoma.models.ood``): mahalanobis, energy, knn; ``msp`` (1 - max softmax) is the baseline. Each is fitted
+on the run's training images, as ``melanoma fit-ood`` does. Scores: higher = more out of distribution; AUROC with the
 OOD set as positives against validation; FPR@95TPR = the share of the OOD set that passes the threshold keeping
 95 % of validation (the gate's own rule).
 """
@@ -24,15 +24,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import REPO, machine, print_table, write_results
 from PIL import Image, ImageDraw, ImageFilter
 from sklearn.metrics import roc_auc_score
 
-from _common import REPO, machine, print_table, write_results
-from melanoma.data import decode_image, resize_pixels
-from melanoma.ood import DETECTORS, choose_threshold, detector_scores, fit_detector
-from melanoma.ood_fit import run_split_images
-from melanoma.probabilities import predict_outputs
-from melanoma.run import Run
+from melanoma.data.images import decode_image, resize_pixels
+from melanoma.models.ood import DETECTORS, choose_threshold, detector_scores, fit_detector
+from melanoma.models.probabilities import predict_outputs
+from melanoma.runs.run import Run
+from melanoma.train.ood_fit import run_split_images
 
 CLINICAL = REPO.parent / "shared" / "data" / "ood-dev" / "clinical"
 SIZE = 256  # far images are drawn at this size, then resized to the model's input like any upload
@@ -183,8 +183,8 @@ def main() -> None:
 
 
 def _test_images(run: Run) -> np.ndarray:
-    from melanoma.data import build_cache
-    from melanoma.sources import load_dataset
+    from melanoma.data.images import build_cache
+    from melanoma.data.sources import load_dataset
 
     config = run.config["config"]
     index = load_dataset(config["data"], image_root=config.get("image_root"))

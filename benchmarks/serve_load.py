@@ -24,7 +24,6 @@ import time
 from collections import Counter
 
 import numpy as np
-
 from _common import print_table, write_results
 
 

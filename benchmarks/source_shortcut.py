@@ -17,11 +17,11 @@ from collections import defaultdict
 
 import numpy as np
 import torch
-
 from _common import default_sources, print_table, write_results
-from melanoma.data import decode_image, resize_pixels
-from melanoma.models import GaussianBlur
-from melanoma.sources import load_dataset
+
+from melanoma.data.images import decode_image, resize_pixels
+from melanoma.data.sources import load_dataset
+from melanoma.models.networks import GaussianBlur
 
 
 def same_picture_pairs(limit: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray, str]]:

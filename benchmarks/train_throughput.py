@@ -7,9 +7,9 @@ side with the course notebook's Keras model.
 
 Runs the same pieces `melanoma train` uses (decoded uint8 cache, channels_last model, Adam, bf16 autocast where the
 device has native bf16) for a fixed number of steps after a warm-up, augmenting either per image in the DataLoader
-(`loader`, torchvision v2) or per batch where the model trains (`device`, melanoma.augment: each image its own random
-parameters). `--peer PYTHON` also runs /work/shared/peers/keras_seed_throughput.py (the notebook's baseline CNN in
-TF/Keras, no augmentation, fp32) with that interpreter, e.g. a separate venv holding tensorflow-cpu, in the same run;
+(`loader`, torchvision v2) or per batch where the model trains (`device`, melanoma.train.augment: each image its own
+random parameters). `--peer PYTHON` also runs /work/shared/peers/keras_seed_throughput.py (the notebook's baseline CNN
+in TF/Keras, no augmentation, fp32) with that interpreter, e.g. a separate venv holding tensorflow-cpu, in the same run;
 with `--rounds R` the peer and every setting are measured R times, interleaved, and the medians reported, so a busy
 machine slows both alike. Targets (issue #20): seed-cnn with the `seed` preset >= 2x the Keras peer, side by side;
 Lite0 `dermoscopy` no slower than before.
@@ -27,16 +27,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import REPO, print_table, require_shared_data, write_results
 from torch.utils.data import DataLoader
 
-from _common import REPO, print_table, require_shared_data, write_results
-from melanoma.augment import BatchAugment
-from melanoma.data import build_cache
-from melanoma.hardware import cpu_has_native_bf16
-from melanoma.loop import ArrayDataset
-from melanoma.models import ModelSpec, build_model, default_normalization
-from melanoma.sources import discover_folder
-from melanoma.transforms import to_model_input, train_transform
+from melanoma.core.hardware import cpu_has_native_bf16
+from melanoma.data.images import build_cache
+from melanoma.data.sources import discover_folder
+from melanoma.data.transforms import to_model_input, train_transform
+from melanoma.models.networks import ModelSpec, build_model, default_normalization
+from melanoma.train.augment import BatchAugment
+from melanoma.train.loop import ArrayDataset
 
 PEER_SCRIPT = REPO.parent / "shared" / "peers" / "keras_seed_throughput.py"
 

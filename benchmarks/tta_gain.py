@@ -14,14 +14,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from _common import print_table, write_results
+
+from melanoma.assess.metrics import compute_metrics
 from melanoma.config import TrainConfig
-from melanoma.data import ERAS, MELANOMA, acquisition_era
-from melanoma.evaluation import compute_metrics
-from melanoma.prepare import prepare_data
-from melanoma.probabilities import predict_probabilities
-from melanoma.run import BEST, CHECKPOINT_DIR, CONFIG, load_checkpoint, model_from_checkpoint, read_run_json
+from melanoma.data.records import ERAS, MELANOMA, acquisition_era
+from melanoma.models.probabilities import predict_probabilities
+from melanoma.runs.checkpoint import load_checkpoint, model_from_checkpoint
+from melanoma.runs.layout import BEST, CHECKPOINT_DIR, CONFIG, read_run_json
+from melanoma.train.prepare import prepare_data
 
 
 def validation_split(run_dir: Path):

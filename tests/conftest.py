@@ -82,7 +82,7 @@ def tiny_dataset(root: Path, per_class: int = 10, test_per_class: int = 3) -> Pa
 def train_tiny_run(root: Path, per_class: int = 6, test_per_class: int = 2, **overrides):
     """A tiny dataset under ``root`` and a seed-cnn run trained on it at 32 px: (data folder, run folder)."""
     from melanoma.config import TrainConfig
-    from melanoma.training import train
+    from melanoma.train.pipeline import train
 
     data = tiny_dataset(root / "data", per_class=per_class, test_per_class=test_per_class)
     settings = dict(model="seed-cnn", epochs=1, batch_size=8, image_size=32, progress=False, threads=1, bootstrap=0)

@@ -7,16 +7,16 @@ import json
 
 import numpy as np
 import pytest
+from conftest import jpeg_bytes, lesion_image, save_image
 from PIL import Image, ImageEnhance
 
-from conftest import jpeg_bytes, lesion_image, save_image
-from melanoma.audit import AuditConfig, run_audit
-from melanoma.audit_report import write_audit
-from melanoma.fingerprints import fingerprint, near_copy_pairs
-from melanoma.cli import main as cli_main
-from melanoma.data import ImageRecord
-from melanoma.sources import discover_folder
-from melanoma.truth import load_ground_truth
+from melanoma.audit.audit import AuditConfig, run_audit
+from melanoma.audit.copies import fingerprint, near_copy_pairs
+from melanoma.audit.report import write_audit
+from melanoma.cli.main import main as cli_main
+from melanoma.data.records import ImageRecord
+from melanoma.data.sources import discover_folder
+from melanoma.data.truth import load_ground_truth
 
 
 def _variants(pixels: np.ndarray):
@@ -208,7 +208,7 @@ def test_manifest_lesion_ids_drive_same_lesion_leaks(tmp_path):
         save_image(tmp_path / name, lesion_image(seed, 96))
     (tmp_path / "m.csv").write_text("image,label,lesion_id,split\na.jpg,melanoma,L1,Train\n"
                                     "b.jpg,melanoma,L1,Test\nc.jpg,nevus,L2,Train\n")
-    from melanoma.sources import read_manifest
+    from melanoma.data.sources import read_manifest
 
     result = run_audit(read_manifest(tmp_path / "m.csv"))
     assert [(leak["file"], leak["reason"]) for leak in result.cross_split_leaks] == [("b.jpg", "same-lesion")]

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import SHARED_DATA, TRUTH_FILES, requires_shared_data
-from melanoma.audit import AuditConfig, run_audit
-from melanoma.sources import discover_folder
-from melanoma.truth import load_ground_truth
+
+from melanoma.audit.audit import AuditConfig, run_audit
+from melanoma.data.sources import discover_folder
+from melanoma.data.truth import load_ground_truth
 
 pytestmark = requires_shared_data
 

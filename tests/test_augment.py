@@ -1,6 +1,6 @@
-"""Batched augmentation on the training device (melanoma.augment) against the per-image torchvision presets of
-melanoma.transforms: parameters drawn from the same distributions, the same parameters giving the same pixels, and the
-augmented images distributed alike (the geometry read back from a coordinate pattern, the colour from patches), each
+"""Batched augmentation on the training device (melanoma.train.augment) against the per-image torchvision presets of
+melanoma.data.transforms: parameters drawn from the same distributions, the same parameters giving the same pixels, and
+the augmented images distributed alike (the geometry read back from a coordinate pattern, the colour from patches), each
 comparison shown to catch a deliberately wrong preset; reseeding per (seed, epoch, rank), --augment-on, and an exact
 resume of the device path after SIGKILL.
 
@@ -19,18 +19,25 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, tiny_dataset
 from scipy.stats import chi2_contingency, ks_2samp
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from conftest import REPO, tiny_dataset
-from melanoma.augment import BatchAugment, resolve_augment_on
-from melanoma.cli import main as cli_main
+from melanoma.cli.main import main as cli_main
 from melanoma.config import TrainConfig
-from melanoma.training import train
-from melanoma.transforms import (AUGMENTATIONS, Augmentation, Render, compose, render, train_transform,
-                                 with_rendering)
+from melanoma.data.transforms import (
+    AUGMENTATIONS,
+    Augmentation,
+    Render,
+    compose,
+    render,
+    train_transform,
+    with_rendering,
+)
+from melanoma.train.augment import BatchAugment, resolve_augment_on
+from melanoma.train.pipeline import train
 
 MATCH, MISMATCH = 1e-3, 1e-4
 
@@ -154,7 +161,7 @@ def _per_image(image: torch.Tensor, params, index: int, spec: Augmentation, size
 
 
 def test_each_step_is_torchvision_arithmetic_with_the_same_parameters():
-    from melanoma import augment
+    from melanoma.train import augment
 
     images, size = _test_images(), 40
     pixels = images.float()
@@ -441,10 +448,10 @@ def test_rendering_off_leaves_both_paths_as_they_were():
 
 
 def test_the_rendering_flag_reaches_the_config(tmp_path):
-    from melanoma.arguments import build_parser
-    from melanoma.cli import _train_config
-    from melanoma.config import validate_config
-    from melanoma.run import RunError
+    from melanoma.cli.arguments import build_parser
+    from melanoma.cli.main import _train_config
+    from melanoma.core.errors import RunError
+    from melanoma.train.checks import validate_config
 
     def config(*flags: str) -> TrainConfig:
         return _train_config(build_parser().parse_args(["train", "--data", "A", *flags]))
@@ -492,8 +499,8 @@ def test_a_bad_augment_on_fails_before_anything_is_written(tmp_path, capsys):
 
 _KILLER = """
 import os, signal
-import melanoma.augment as augment
-import melanoma.training as training
+import melanoma.train.augment as augment
+import melanoma.train.pipeline as training
 from melanoma.config import TrainConfig
 state = {"epoch": None, "batches": 0}
 reseed, call = augment.BatchAugment.reseed, augment.BatchAugment.__call__

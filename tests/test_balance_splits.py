@@ -5,11 +5,18 @@ import numpy as np
 import pytest
 import torch
 
-from melanoma.balance import (augmentor_rotate, balanced_sampler, class_weights, expand, parse_balance,
-                              within_class_group_factor)
-from melanoma.data import DataError, acquisition_era
-from melanoma.splits import grouped_stratified_split, random_split
-from melanoma.transforms import PRESETS, PresetError, dihedral_views, train_transform
+from melanoma.core.errors import DataError, PresetError
+from melanoma.data.records import acquisition_era
+from melanoma.data.transforms import PRESETS, dihedral_views, train_transform
+from melanoma.train.balance import (
+    augmentor_rotate,
+    balanced_sampler,
+    class_weights,
+    expand,
+    parse_balance,
+    within_class_group_factor,
+)
+from melanoma.train.splits import grouped_stratified_split, random_split
 
 LABELS = np.array([0] * 60 + [1] * 30 + [2] * 10)
 

@@ -65,7 +65,7 @@ def test_from_run_summarises_a_finished_run_without_training(tmp_path, monkeypat
 
 
 def test_from_run_refuses_train_flags_and_a_folder_that_is_not_a_run(tmp_path, monkeypatch, capsys):
-    from melanoma.run import RunError
+    from melanoma.core.errors import RunError
 
     monkeypatch.setattr(sys, "argv", ["accuracy.py", "--from-run", str(tmp_path), "--epochs", "3"])
     with pytest.raises(SystemExit):

@@ -10,9 +10,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import CLASSES, lesion_image, save_image, train_tiny_run, uvicorn_server
-from melanoma.run import Run
+
+from melanoma.runs.run import Run
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="Debian chromium/chromium-driver absent")
@@ -63,7 +63,7 @@ def test_report_renders_with_its_figures(browser, run_dir):
 def test_page_uploads_an_image_and_shows_the_result(browser, run_dir, tmp_path):
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from melanoma.serve import create_app
+    from melanoma.deploy.serve import create_app
 
     with uvicorn_server(create_app(Run.load(run_dir))) as base:
         browser.get(base + "/")
@@ -85,7 +85,7 @@ def test_page_says_an_out_of_distribution_image_is_not_a_lesion_image(browser, r
     import numpy as np
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from melanoma.serve import create_app
+    from melanoma.deploy.serve import create_app
 
     with uvicorn_server(create_app(Run.load(run_dir))) as base:
         browser.get(base + "/")

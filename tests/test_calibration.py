@@ -4,8 +4,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from melanoma.calibration import (apply_temperature, brier_score, expected_calibration_error, fit_temperature,
-                                  negative_log_likelihood)
+from melanoma.assess.calibration import (
+    brier_score,
+    expected_calibration_error,
+    fit_temperature,
+    negative_log_likelihood,
+)
+from melanoma.models.probabilities import apply_temperature
 
 
 def _overconfident(n: int = 600, seed: int = 0):

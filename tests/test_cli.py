@@ -8,11 +8,12 @@ import threading
 
 import numpy as np
 import pytest
-
 from conftest import CLASSES, TRUTH_FILES, lesion_image, save_image, tiny_dataset, train_tiny_run
-from melanoma.arguments import build_parser
-from melanoma.cli import main
-from melanoma.run import RunError, run_folder_lock
+
+from melanoma.cli.arguments import build_parser
+from melanoma.cli.main import main
+from melanoma.core.errors import RunError
+from melanoma.runs.folder import run_folder_lock
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,7 @@ def test_bad_values_stop_at_once_with_one_line(argv, message, capsys):
 
 def test_library_configs_are_checked_too(tmp_path):
     from melanoma.config import TrainConfig
-    from melanoma.training import train
+    from melanoma.train.pipeline import train
 
     data = tiny_dataset(tmp_path / "data", per_class=2, test_per_class=1)
     for overrides, message in [({"lr": float("nan")}, "--lr must be a number"),
@@ -128,7 +129,7 @@ def test_outputs_are_checked_before_any_work(tmp_path, capsys, tiny_run):
 
 
 def test_an_onnx_file_exported_from_another_run_with_the_same_classes_is_refused(tmp_path):
-    from melanoma.run import Run
+    from melanoma.runs.run import Run
 
     _, first = train_tiny_run(tmp_path / "a", epochs=1)
     _, second = train_tiny_run(tmp_path / "b", epochs=1, seed=7)
@@ -141,7 +142,7 @@ def test_an_onnx_file_exported_from_another_run_with_the_same_classes_is_refused
 
 @pytest.mark.parametrize("temperature", [0, -1.5, "NaN", None, "hot"])
 def test_a_damaged_calibration_temperature_is_refused(tiny_run, tmp_path, temperature):
-    from melanoma.run import Run
+    from melanoma.runs.run import Run
 
     _, run = tiny_run
     copy = tmp_path / "run"
@@ -181,7 +182,7 @@ def test_explain_numbers_panels_of_inputs_with_the_same_stem(tiny_run, tmp_path,
 
 def test_a_second_writer_of_one_run_folder_stops_at_once(tmp_path):
     from melanoma.config import TrainConfig
-    from melanoma.training import train
+    from melanoma.train.pipeline import train
 
     data = tiny_dataset(tmp_path / "data", per_class=3, test_per_class=1)
     run = tmp_path / "run"
@@ -208,8 +209,8 @@ def test_a_second_writer_of_one_run_folder_stops_at_once(tmp_path):
 
 def test_a_failed_start_leaves_no_staging_folder(tmp_path):
     from melanoma.config import TrainConfig
-    from melanoma.data import DataError
-    from melanoma.training import train
+    from melanoma.core.errors import DataError
+    from melanoma.train.pipeline import train
 
     data = tiny_dataset(tmp_path / "data", per_class=1, test_per_class=1)  # one image a class: cannot split
     config = TrainConfig(data=[str(data)], out=str(tmp_path / "run"), model="seed-cnn", epochs=1, image_size=32,
@@ -223,8 +224,8 @@ def test_a_failed_start_leaves_no_staging_folder(tmp_path):
 
 
 def test_a_folder_given_as_an_image_is_called_a_folder(tiny_run, tmp_path):
-    from melanoma.inference import predict_files
-    from melanoma.run import Run
+    from melanoma.deploy.predict import predict_files
+    from melanoma.runs.run import Run
 
     _, run = tiny_run
     (tmp_path / "photo.jpg").mkdir()
@@ -233,7 +234,7 @@ def test_a_folder_given_as_an_image_is_called_a_folder(tiny_run, tmp_path):
 
 
 def test_ctrl_c_during_training_says_how_to_resume(tmp_path, capsys, monkeypatch):
-    import melanoma.loop as loop
+    import melanoma.train.loop as loop
 
     data = tiny_dataset(tmp_path / "data", per_class=6, test_per_class=1)
     original, calls = loop.ArrayDataset.__getitem__, {"n": 0}
@@ -254,7 +255,7 @@ def test_ctrl_c_during_training_says_how_to_resume(tmp_path, capsys, monkeypatch
 
 def test_training_warns_of_a_class_that_only_test_has(tmp_path):
     from melanoma.config import TrainConfig
-    from melanoma.training import train
+    from melanoma.train.pipeline import train
 
     data = tiny_dataset(tmp_path / "data", per_class=6, test_per_class=1)
     save_image(data / "Test" / "dermatofibroma" / "ISIC_0009999.jpg", lesion_image(99, 40))
@@ -268,8 +269,8 @@ def test_training_warns_of_a_class_that_only_test_has(tmp_path):
 
 
 def test_prediction_progress_counts_images_not_batches(tiny_run):
-    from melanoma.inference import collect_inputs, predict_files
-    from melanoma.run import Run
+    from melanoma.deploy.predict import collect_inputs, predict_files
+    from melanoma.runs.run import Run
 
     data, run = tiny_run
     inputs = collect_inputs([data / "Test", data / "Train"])

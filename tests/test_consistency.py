@@ -6,12 +6,14 @@ import json
 
 import numpy as np
 import pytest
+from conftest import lesion_image, save_image
 from PIL import Image
 
-from conftest import lesion_image, save_image
-from melanoma.consistency import (STRESS_NAMES, copy_consistency, copy_pairs, stress_consistency, stressed)
-from melanoma.data import ERAS, DataError, acquisition_era
-from melanoma.external import external_validation, paired_auc_difference, read_external
+from melanoma.assess.consistency import STRESS_NAMES, copy_consistency, copy_pairs, stress_consistency, stressed
+from melanoma.assess.external import external_validation, read_external
+from melanoma.assess.intervals import paired_auc_difference
+from melanoma.core.errors import DataError
+from melanoma.data.records import ERAS, acquisition_era
 
 CLASSES = ["melanoma", "nevus"]
 
@@ -57,7 +59,8 @@ def copies(tmp_path):
 def test_a_model_that_reads_the_resolution_fails_copy_consistency_and_a_constant_model_passes(copies):
     pairs = copy_pairs(copies / "audit")
     assert [p["files"] for p in pairs][0] == ["a/ISIC_0000000.png", "b/ISIC_0000000.png"] and len(pairs) == 5
-    from melanoma.data import ImageRecord, build_cache
+    from melanoma.data.images import build_cache
+    from melanoma.data.records import ImageRecord
 
     sharp, soft = (_detail(build_cache([ImageRecord(copies / f"{s}/ISIC_{i:07d}.png", "x", "") for i in range(4)],
                                        size=128).images) for s in ("a", "b"))

@@ -5,11 +5,13 @@ import os
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATA, lesion_image, requires_shared_data, save_image
 from PIL import Image
 
-from conftest import SHARED_DATA, lesion_image, requires_shared_data, save_image
-from melanoma.data import DataError, ImageDecodeError, build_cache, decode_image, image_id_from_name
-from melanoma.sources import discover_folder, load_dataset, read_manifest
+from melanoma.core.errors import DataError, ImageDecodeError
+from melanoma.data.images import build_cache, decode_image
+from melanoma.data.records import image_id_from_name
+from melanoma.data.sources import discover_folder, load_dataset, read_manifest
 
 
 def test_split_layout_sorted_classes_and_ids(make_tree):

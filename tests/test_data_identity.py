@@ -10,13 +10,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import lesion_image, save_image, tiny_dataset
-from melanoma.audit import ACTION_EXCLUDE_DISPUTED, ACTION_KEEP, ACTION_RELABEL, AuditConfig, run_audit
-from melanoma.audit_report import write_audit
-from melanoma.cli import main as cli_main
-from melanoma.data import DataError
-from melanoma.sources import load_dataset
+
+from melanoma.audit.audit import AuditConfig, run_audit
+from melanoma.audit.manifest import ACTION_EXCLUDE_DISPUTED, ACTION_KEEP, ACTION_RELABEL
+from melanoma.audit.report import write_audit
+from melanoma.cli.main import main as cli_main
+from melanoma.core.errors import DataError
+from melanoma.data.sources import load_dataset
 
 TINY = dict(model="seed-cnn", epochs=1, batch_size=8, image_size=32, progress=False, threads=1, bootstrap=0)
 KEPT = (ACTION_KEEP, ACTION_RELABEL)
@@ -48,7 +49,7 @@ def _audit_to(sources, out: Path, image_root=None) -> list[dict]:
 
 def _train(sources, out: Path, **overrides) -> Path:
     from melanoma.config import TrainConfig
-    from melanoma.training import train
+    from melanoma.train.pipeline import train
 
     config = TrainConfig(data=[str(s) for s in sources], out=str(out), **(TINY | overrides))
     return Path(train(config, log=lambda *_: None))
@@ -133,7 +134,7 @@ def test_a_test_picture_in_two_sources_is_scored_once(tmp_path):
     with open(run / "test_predictions.csv", newline="", encoding="utf-8") as handle:
         assert len(list(csv.DictReader(handle))) == 6
     # evaluate scores the same six pictures, once each, and says what it left out
-    from melanoma.evaluation import evaluate_run
+    from melanoma.assess.evaluate import evaluate_run
 
     report = evaluate_run(str(run), resamples=0, out=str(tmp_path / "eval"), log=lambda *a: None)
     assert report["all"]["n"] == 6 and report["not_scored"] == {"drop-duplicate": 6}
@@ -143,7 +144,7 @@ def test_a_test_picture_in_two_sources_is_scored_once(tmp_path):
 
 
 def test_an_audit_of_twenty_thousand_rows_over_twenty_files_works_on_the_files(tmp_path, monkeypatch):
-    from melanoma import fingerprints
+    from melanoma.audit import copies as fingerprints
 
     folder = tmp_path / "data"
     names = _images(folder, 20)
@@ -256,7 +257,7 @@ def test_one_source_through_two_spellings_is_given_twice(tmp_path):
 
 
 def test_a_manifest_audited_with_an_image_root_trains_with_it(tmp_path):
-    from melanoma.arguments import build_parser
+    from melanoma.cli.arguments import build_parser
 
     images = tmp_path / "images"
     melanomas, nevi = _images(images / "m", 6, 0, "m"), _images(images / "n", 6, 100, "n")

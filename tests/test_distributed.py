@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, tiny_dataset
 from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
 
-from conftest import REPO, tiny_dataset
-from melanoma.distributed import ShardedBatchSampler, is_launch_rank_zero
+from melanoma.train.distributed import ShardedBatchSampler, is_launch_rank_zero
 
 # --------------------------------------------------------------------------------------------------------------------
 # ShardedBatchSampler
@@ -78,7 +78,7 @@ def test_only_global_rank_zero_writes(monkeypatch, environment, expected):
     (["--strategy", "ddp_spawn"], "invalid choice"), (["--devices", "0"], "at least 1"),
     (["--devices", "two"], "not a device count"), (["--accelerator", "tpu"], "invalid choice")])
 def test_bad_distributed_flags_are_refused(tmp_path, capsys, flags, message):
-    from melanoma.cli import main
+    from melanoma.cli.main import main
 
     with pytest.raises(SystemExit):
         main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), *flags])
@@ -90,7 +90,7 @@ def test_bad_distributed_flags_are_refused(tmp_path, capsys, flags, message):
     (["--devices", "0"], "at least 1"), (["--devices", "-2"], "at least 1"), (["--batch-size", "0"], "between 1 and"),
     (["--devices", "x"], "whole number")])
 def test_bad_predict_flags_are_refused(tmp_path, capsys, flags, message):
-    from melanoma.cli import main
+    from melanoma.cli.main import main
 
     out = tmp_path / "predictions.csv"
     with pytest.raises(SystemExit):
@@ -175,9 +175,9 @@ def test_ddp_each_training_sample_is_seen_once_per_epoch(ddp_run):
 
 def test_ddp_validation_metrics_equal_a_single_process_evaluation(ddp_run):
     from melanoma.config import TrainConfig
-    from melanoma.prepare import prepare_data
-    from melanoma.probabilities import predict_probabilities
-    from melanoma.run import load_checkpoint, model_from_checkpoint
+    from melanoma.models.probabilities import predict_probabilities
+    from melanoma.runs.checkpoint import load_checkpoint, model_from_checkpoint
+    from melanoma.train.prepare import prepare_data
 
     payload = load_checkpoint(ddp_run["run"] / "checkpoints" / "best.pt")
     model, spec = model_from_checkpoint(payload)
@@ -211,7 +211,8 @@ def test_ddp_resume_continues_from_the_saved_step(ddp_run):
 
 def test_predict_on_two_processes_merges_shards_in_input_order(tmp_path):
     from conftest import lesion_image, save_image, train_tiny_run
-    from melanoma.cli import main
+
+    from melanoma.cli.main import main
 
     _, run = train_tiny_run(tmp_path)
     inputs = tmp_path / "inputs"
@@ -234,8 +235,8 @@ def test_predict_on_two_processes_merges_shards_in_input_order(tmp_path):
 
 
 def test_predict_on_more_gpus_than_the_machine_has_is_a_clear_error(tmp_path):
-    from melanoma.inference import predict_sharded
-    from melanoma.run import RunError
+    from melanoma.core.errors import RunError
+    from melanoma.deploy.predict import predict_sharded
 
     with pytest.raises(RunError, match=f"asked for 64 GPUs, this machine has {torch.cuda.device_count()}"):
         predict_sharded(tmp_path, [("a", b"")] * 64, devices=64, accelerator="gpu")

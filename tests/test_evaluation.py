@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import CLASSES, lesion_image, save_image, train_tiny_run
-from melanoma.cli import main as cli_main
-from melanoma.data import DataError
-from melanoma.evaluation import (bootstrap_ci, compute_metrics, evaluate_run, headline, threshold_for_sensitivity)
-from melanoma.run import RunError
+
+from melanoma.assess.evaluate import evaluate_run
+from melanoma.assess.intervals import bootstrap_ci
+from melanoma.assess.metrics import compute_metrics, headline, threshold_for_sensitivity
+from melanoma.cli.main import main as cli_main
+from melanoma.core.errors import DataError, RunError
 
 THREE = ["melanoma", "nevus", "vascular lesion"]
 

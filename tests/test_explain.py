@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from melanoma.explain import grad_cam, grad_cam_layer, overlay
-from melanoma.models import Classifier, ModelSpec, build_model
+from melanoma.assess.explain import grad_cam, grad_cam_layer, overlay
+from melanoma.models.networks import Classifier, ModelSpec, build_model
 
 
 class DarkSpotDetector(nn.Module):

@@ -6,11 +6,12 @@ import shutil
 
 import numpy as np
 import pytest
-
-from melanoma.cli import main as cli_main
-from melanoma.inference import predict_files
 from conftest import CLASSES, train_tiny_run
-from melanoma.run import Run, RunError
+
+from melanoma.cli.main import main as cli_main
+from melanoma.core.errors import RunError
+from melanoma.deploy.predict import predict_files
+from melanoma.runs.run import Run
 
 onnx = pytest.importorskip("onnx")
 
@@ -84,7 +85,7 @@ def test_a_run_without_calibration_falls_back_with_a_warning(exported, tmp_path)
     calibrated = Run.load(run, backend="torch")
     assert uncalibrated.temperature == 1.0 and calibrated.temperature == pytest.approx(temperature)
     images = np.random.default_rng(1).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
-    from melanoma.calibration import apply_temperature
+    from melanoma.models.probabilities import apply_temperature
 
     assert np.allclose(apply_temperature(uncalibrated.probabilities(images), temperature),
                        calibrated.probabilities(images), atol=1e-5)

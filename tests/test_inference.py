@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import jpeg_bytes, lesion_image, save_image, train_tiny_run
 from PIL import Image
 
-from conftest import jpeg_bytes, lesion_image, save_image, train_tiny_run
-from melanoma.explain import explain_files
-from melanoma.inference import collect_inputs, predict_files
-from melanoma.run import Run
+from melanoma.assess.explain import explain_files
+from melanoma.deploy.predict import collect_inputs, predict_files
+from melanoma.runs.run import Run
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import train_tiny_run
-from melanoma.cli import main as cli_main
-from melanoma.model_card import CARD, CARD_METRICS, subgroup_markdown
-from melanoma.subgroups import format_ci
+
+from melanoma.assess.model_card import CARD, CARD_METRICS, subgroup_markdown
+from melanoma.assess.subgroups import format_ci
+from melanoma.cli.main import main as cli_main
 
 SECTIONS = ("## Model details", "## Intended use", "## Out-of-scope use", "## Training data and known biases",
             "## Evaluation data", "## Metrics", "## Metrics per subgroup", "## Out-of-distribution behaviour",

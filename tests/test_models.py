@@ -4,7 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from melanoma.models import SEED_MODELS, ModelError, ModelSpec, build_model, count_parameters, default_normalization
+from melanoma.core.errors import ModelError
+from melanoma.models.catalog import SEED_MODELS
+from melanoma.models.networks import ModelSpec, build_model, count_parameters, default_normalization
 
 
 @pytest.mark.parametrize("name", sorted(SEED_MODELS))
@@ -54,7 +56,7 @@ def test_fewer_than_two_classes_is_refused():
 
 
 def test_shades_of_gray_removes_a_colour_cast():
-    from melanoma.models import ShadesOfGray
+    from melanoma.models.networks import ShadesOfGray
 
     torch.manual_seed(0)
     scene = torch.rand(2, 3, 16, 16) * 200
@@ -79,7 +81,7 @@ def test_colour_constancy_travels_in_the_spec_and_old_specs_still_load():
 
 
 def test_input_blur_keeps_flat_images_flat_and_spreads_a_point():
-    from melanoma.models import GaussianBlur
+    from melanoma.models.networks import GaussianBlur
 
     blur = GaussianBlur(1.0)
     flat = torch.full((1, 3, 16, 16), 120.0)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import lesion_image, save_image
 from PIL import Image
 
-from conftest import lesion_image, save_image
-from melanoma.audit import ACTION_DROP_TRAIN_COPY, AuditConfig, run_audit
-from melanoma.fingerprints import fingerprint, near_copy_pairs
-from melanoma.data import ImageRecord
-from melanoma.sources import discover_folder
+from melanoma.audit.audit import AuditConfig, run_audit
+from melanoma.audit.copies import fingerprint, near_copy_pairs
+from melanoma.audit.manifest import ACTION_DROP_TRAIN_COPY
+from melanoma.data.records import ImageRecord
+from melanoma.data.sources import discover_folder
 
 
 def _rotate_and_crop(pixels: np.ndarray, angle: float) -> np.ndarray:

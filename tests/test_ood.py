@@ -8,13 +8,23 @@ import shutil
 
 import numpy as np
 import pytest
-
 from conftest import lesion_image, save_image, train_tiny_run
-from melanoma.cli import main as cli_main
-from melanoma.inference import predict_files
-from melanoma.ood import (DETECTORS, GATE_FILE, REASON, GateError, choose_threshold, detector_scores, fit_detector,
-                          fit_gate, load_gate, save_gate)
-from melanoma.run import Run, RunError
+
+from melanoma.cli.main import main as cli_main
+from melanoma.core.errors import GateError, RunError
+from melanoma.deploy.predict import predict_files
+from melanoma.models.ood import (
+    DETECTORS,
+    GATE_FILE,
+    REASON,
+    choose_threshold,
+    detector_scores,
+    fit_detector,
+    fit_gate,
+    load_gate,
+    save_gate,
+)
+from melanoma.runs.run import Run
 
 
 def _far_images() -> dict[str, np.ndarray]:

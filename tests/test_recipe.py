@@ -7,13 +7,13 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-
-from melanoma.probabilities import predict_probabilities
-from melanoma.models import TF_INPUT, ModelSpec, build_model
-from melanoma.config import RECIPES, TrainConfig
-from melanoma.training import train
-from melanoma.weights import imagenet_state_dict
 from conftest import tiny_dataset
+
+from melanoma.config import RECIPES, TrainConfig
+from melanoma.models.networks import TF_INPUT, ModelSpec, build_model
+from melanoma.models.probabilities import predict_probabilities
+from melanoma.models.weights import imagenet_state_dict
+from melanoma.train.pipeline import train
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,11 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_dataset, train_tiny_run
-from melanoma.cli import main
+
+from melanoma.cli.main import main
 from melanoma.config import TrainConfig
-from melanoma.run_guards import CONFIG_FIELD_TYPES
+from melanoma.runs.layout import CONFIG_FIELD_TYPES
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,12 @@ import time
 
 import numpy as np
 import pytest
+from conftest import CLASSES, jpeg_bytes, lesion_image, train_tiny_run, uvicorn_server
 from PIL import Image
 
-from conftest import CLASSES, jpeg_bytes, lesion_image, train_tiny_run, uvicorn_server
-from melanoma.run import Run
-from melanoma.serve import create_app
-from melanoma.serve_limits import ServeConfig
+from melanoma.deploy.limits import ServeConfig
+from melanoma.deploy.serve import create_app
+from melanoma.runs.run import Run
 
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402

@@ -11,14 +11,14 @@ from contextlib import contextmanager
 
 import numpy as np
 import pytest
+from conftest import jpeg_bytes, lesion_image, train_tiny_run, uvicorn_server
 from PIL import Image
 
-from conftest import jpeg_bytes, lesion_image, train_tiny_run, uvicorn_server
-from melanoma import serve as serve_module
-from melanoma.run import Run
-from melanoma import serve_limits
-from melanoma.serve import create_app, uvicorn_options
-from melanoma.serve_limits import DEFAULT_ALLOWED_HOSTS, SERVE_TTA, ServeConfig
+from melanoma.deploy import limits as serve_limits
+from melanoma.deploy import serve as serve_module
+from melanoma.deploy.limits import DEFAULT_ALLOWED_HOSTS, SERVE_TTA, ServeConfig
+from melanoma.deploy.serve import create_app, uvicorn_options
+from melanoma.runs.run import Run
 
 fastapi = pytest.importorskip("fastapi")
 import httpx  # noqa: E402
@@ -85,7 +85,7 @@ def test_concurrent_requests_share_one_model_call_and_each_gets_its_own_rows(run
     assert [r.status_code for r in responses] == [200] * 6
     assert sum(recording.calls) == 6 and len(recording.calls) < 6 and max(recording.calls) > 1
     # each response holds the prediction of its own image, not of a neighbour in the batch
-    from melanoma.data import decode_image, resize_pixels
+    from melanoma.data.images import decode_image, resize_pixels
 
     singles = [run.probabilities(np.array([resize_pixels(decode_image(jpeg_bytes(image, 95)).pixels,
                                                          run.image_size)]))[0] for image in images]
@@ -298,7 +298,7 @@ def test_pixel_budget_is_checked_from_headers_before_decoding(run, monkeypatch):
     (["--token", ""], "--token"), (["--token", "   "], "--token"),
     (["--allowed-hosts", "clinic.example:8000"], "--allowed-hosts")])
 def test_bad_serve_flags_stop_with_one_line(flags, named, tmp_path, capsys, monkeypatch):
-    from melanoma.cli import main
+    from melanoma.cli.main import main
 
     monkeypatch.delenv("MELANOMA_TOKEN", raising=False)
     try:
@@ -310,7 +310,7 @@ def test_bad_serve_flags_stop_with_one_line(flags, named, tmp_path, capsys, monk
 
 
 def test_empty_token_in_the_environment_is_refused(tmp_path, capsys, monkeypatch):
-    from melanoma.cli import main
+    from melanoma.cli.main import main
 
     monkeypatch.setenv("MELANOMA_TOKEN", " ")
     assert main(["serve", str(tmp_path / "no-run")]) == 2
@@ -318,7 +318,7 @@ def test_empty_token_in_the_environment_is_refused(tmp_path, capsys, monkeypatch
 
 
 def test_serve_flags_reach_the_config(tmp_path, monkeypatch):
-    from melanoma.cli import main
+    from melanoma.cli.main import main
 
     seen = {}
     monkeypatch.setattr(serve_module, "serve", lambda run, host, port, config: seen.update(config=config, host=host))

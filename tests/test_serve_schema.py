@@ -2,16 +2,15 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import train_tiny_run
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, settings  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 
-from melanoma.run import Run  # noqa: E402
-from melanoma.serve import create_app  # noqa: E402
-from melanoma.serve_limits import DEFAULT_ALLOWED_HOSTS, ServeConfig  # noqa: E402
+from melanoma.deploy.limits import DEFAULT_ALLOWED_HOSTS, ServeConfig  # noqa: E402
+from melanoma.deploy.serve import create_app  # noqa: E402
+from melanoma.runs.run import Run  # noqa: E402
 
 
 @pytest.fixture(scope="module")

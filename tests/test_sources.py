@@ -9,13 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import lesion_image, save_image
 from PIL import Image
 
-from conftest import lesion_image, save_image
-from melanoma.audit import ACTION_DROP_DUPLICATE, ACTION_DROP_TRAIN_COPY, ACTION_KEEP, run_audit
-from melanoma.cli import main as cli_main
-from melanoma.data import DataError
-from melanoma.sources import archive_class, archive_diagnosis_table, load_dataset, read_archive_download
+from melanoma.audit.audit import run_audit
+from melanoma.audit.manifest import ACTION_DROP_DUPLICATE, ACTION_DROP_TRAIN_COPY, ACTION_KEEP
+from melanoma.cli.main import main as cli_main
+from melanoma.core.errors import DataError
+from melanoma.data.archive import archive_class, archive_diagnosis_table
+from melanoma.data.sources import load_dataset, read_archive_download
 
 ARCHIVE_HEADER = ("isic_id,attribution,copyright_license,diagnosis_1,diagnosis_2,diagnosis_3,diagnosis_4,image_type,"
                   "lesion_id\n")
@@ -76,7 +78,7 @@ def _rows(result) -> dict[str, dict]:
 
 
 def _audit(course, manifest, truth=None):
-    from melanoma.truth import load_ground_truth
+    from melanoma.data.truth import load_ground_truth
 
     index = load_dataset([course, manifest])
     return index, run_audit(index, load_ground_truth([truth]) if truth else None)
@@ -261,7 +263,7 @@ def test_the_audit_command_prints_what_each_source_skipped(tmp_path, two_sources
 
 def test_a_run_records_every_source_and_carries_the_attribution(tmp_path, two_sources):
     from melanoma.config import TrainConfig
-    from melanoma.training import train
+    from melanoma.train.pipeline import train
 
     course, manifest, _ = two_sources
     download = _archive(tmp_path / "download", keep=(1, 2, 4, 5))  # melanoma, nevus and two skipped rows

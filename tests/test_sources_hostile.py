@@ -7,12 +7,12 @@ import csv
 import os
 
 import pytest
-
 from conftest import lesion_image, save_image
-from melanoma.audit import run_audit
-from melanoma.data import DataError
-from melanoma.sources import discover_folder, load_dataset, read_archive_download, read_manifest, source_summary
-from melanoma.truth import load_ground_truth
+
+from melanoma.audit.audit import run_audit
+from melanoma.core.errors import DataError
+from melanoma.data.sources import discover_folder, load_dataset, read_archive_download, read_manifest, source_summary
+from melanoma.data.truth import load_ground_truth
 
 ARCHIVE_HEADER = "isic_id,attribution,copyright_license,diagnosis_1,diagnosis_2,diagnosis_3,image_type,lesion_id\n"
 MEL_ROW = "Malignant,Malignant melanocytic proliferations (Melanoma),Melanoma Invasive"
@@ -80,9 +80,9 @@ def test_an_audit_or_run_folder_inside_the_data_is_skipped_not_a_class(make_tree
 
 
 def test_a_run_without_a_melanoma_class_says_so_and_never_shows_an_alert(tmp_path, capsys):
-    from melanoma.cli import main as cli_main
+    from melanoma.cli.main import main as cli_main
     from melanoma.config import TrainConfig
-    from melanoma.training import train
+    from melanoma.train.pipeline import train
 
     data = tmp_path / "data"
     for index, (label, count) in enumerate((("NV", 6), ("VASC", 6))):
@@ -202,7 +202,7 @@ def test_broken_manifests_get_clear_one_line_messages(tmp_path, body, said):
 
 
 def test_nul_and_control_characters_are_escaped_in_messages(tmp_path):
-    from melanoma.csvfiles import printable
+    from melanoma.data.csvfiles import printable
 
     manifest = tmp_path / "manifest.csv"
     manifest.write_bytes(b"image,label\nx\x1b[2J.jpg,mel\x00anoma\n")

@@ -8,14 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import CLASSES, lesion_image, save_image, train_tiny_run
-from melanoma.cli import main as cli_main
-from melanoma.data import DataError
-from melanoma.evaluation import bootstrap_ci, compute_metrics, evaluate_run, subgroup_metrics
-from melanoma.metadata import check_metadata_files, load_metadata
-from melanoma.sources import load_dataset
-from melanoma.subgroups import UNKNOWN, age_band, fitzpatrick_band, image_groups
+
+from melanoma.assess.evaluate import evaluate_run
+from melanoma.assess.intervals import bootstrap_ci
+from melanoma.assess.metrics import compute_metrics
+from melanoma.assess.subgroups import UNKNOWN, age_band, fitzpatrick_band, image_groups, subgroup_metrics
+from melanoma.cli.main import main as cli_main
+from melanoma.core.errors import DataError
+from melanoma.data.metadata import check_metadata_files, load_metadata
+from melanoma.data.sources import load_dataset
 
 METRIC_NAMES = ("balanced_accuracy", "melanoma_auc", "melanoma_sensitivity", "melanoma_specificity")
 

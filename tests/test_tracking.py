@@ -1,5 +1,5 @@
-"""Experiment tracking (melanoma.tracking): a tiny training with --logger tensorboard and with --logger mlflow, the
-logged parameters, per-epoch metrics and end-of-run artifacts read back with each tool's own reader; an MLflow run
+"""Experiment tracking (melanoma.train.tracking): a tiny training with --logger tensorboard and with --logger mlflow,
+the logged parameters, per-epoch metrics and end-of-run artifacts read back with each tool's own reader; an MLflow run
 continued by --resume; bad flags refused before any work; and no tracking package imported unless asked for."""
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, tiny_dataset, train_tiny_run
-from melanoma.cli import main as cli_main
+
+from melanoma.cli.main import main as cli_main
 from melanoma.config import TrainConfig
-from melanoma.run import RunError
-from melanoma.tracking import EPOCH_METRICS, TRACKING_FILE, check_tracking, log_run_artifacts
-from melanoma.training import train
+from melanoma.core.errors import RunError
+from melanoma.train.pipeline import train
+from melanoma.train.tracking import EPOCH_METRICS, TRACKING_FILE, check_tracking, log_run_artifacts
 
 
 def _history(run: Path) -> dict[str, list[tuple[int, float]]]:
@@ -125,8 +125,8 @@ def test_an_unknown_logger_or_a_missing_package_is_refused(monkeypatch, capsys):
 
 
 def test_a_damaged_tracking_file_is_a_one_line_error_naming_it(tmp_path):
-    from melanoma.run import RunError
-    from melanoma.tracking import TRACKING_FILE, read_tracking
+    from melanoma.core.errors import RunError
+    from melanoma.train.tracking import TRACKING_FILE, read_tracking
 
     assert read_tracking(tmp_path) == {}  # a run without tracking
     (tmp_path / TRACKING_FILE).write_text("{not json")

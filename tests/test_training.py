@@ -13,15 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import CLASSES, REPO, lesion_image, save_image, tiny_dataset
-from melanoma.cli import main as cli_main
-from melanoma.data import DataError
-from melanoma.config import TrainConfig
-from melanoma.prepare import prepare_data, train_image_names
-from melanoma.run import RunError, load_checkpoint, model_from_checkpoint
-from melanoma.training import train
 
+from melanoma.cli.main import main as cli_main
+from melanoma.config import TrainConfig
+from melanoma.core.errors import DataError, RunError
+from melanoma.runs.checkpoint import load_checkpoint, model_from_checkpoint
+from melanoma.train.pipeline import train
+from melanoma.train.prepare import prepare_data, train_image_names
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +101,8 @@ def test_balancing_modes_train(tiny, tmp_path):
 _KILLER = """
 import os, signal, sys
 from dataclasses import replace
-import melanoma.loop as loop
-import melanoma.training as training
+import melanoma.train.loop as loop
+import melanoma.train.pipeline as training
 calls = {"n": 0}
 original = loop.ArrayDataset.__getitem__
 def getitem(self, index):
@@ -213,7 +212,7 @@ def test_validation_is_also_scored_within_each_acquisition_era():
 
     from sklearn.metrics import roc_auc_score
 
-    from melanoma.scoring import validation_by_era
+    from melanoma.train.scoring import validation_by_era
 
     names = [f"melanoma/ISIC_{i:07d}.jpg" for i in (1, 2, 3, 4, 54001, 54002, 54003, 54004)]
     labels = np.array([0, 0, 1, 1, 0, 1, 1, 2])
@@ -252,7 +251,7 @@ def test_data_with_one_class_or_too_few_images(tmp_path):
 
 
 def test_progress_bar_counts_epochs_from_one(tiny, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("melanoma.loop.interactive", lambda: True)
+    monkeypatch.setattr("melanoma.train.loop.interactive", lambda: True)
     train(_config(tiny, tmp_path / "run", progress=True), log=lambda *_: None)
     captured = capsys.readouterr()
     bar = captured.out + captured.err

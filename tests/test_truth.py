@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from melanoma.data import DataError
-from melanoma.truth import load_ground_truth
+from melanoma.core.errors import DataError
+from melanoma.data.truth import load_ground_truth
 
 
 def _write(tmp_path, name, text):

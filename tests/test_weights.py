@@ -6,11 +6,17 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
-
 from conftest import SHARED
-from melanoma.models import TF_INPUT, ModelSpec, build_model
-from melanoma.weights import (WeightsError, imagenet_state_dict, load_pretrained, map_lukemelas_to_timm,
-                              package_weights_file, read_state_dict)
+
+from melanoma.core.errors import WeightsError
+from melanoma.models.networks import TF_INPUT, ModelSpec, build_model
+from melanoma.models.weights import (
+    imagenet_state_dict,
+    load_pretrained,
+    map_lukemelas_to_timm,
+    package_weights_file,
+    read_state_dict,
+)
 
 SHARED_WEIGHTS = SHARED / "weights"
 

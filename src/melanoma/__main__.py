@@ -1,5 +1,5 @@
 import sys
 
-from melanoma.cli import main
+from melanoma.cli.main import main
 
 sys.exit(main())

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from torch.utils.data import RandomSampler
 
-import melanoma.distributed as distributed
-import melanoma.loop as loop
-from melanoma.cli import main
+import melanoma.train.distributed as distributed
+import melanoma.train.loop as loop
+from melanoma.cli.main import main
 
 SEEN = Path(os.environ["SEEN_DIR"]) / f"rank-{os.environ.get('LOCAL_RANK', '0')}.txt"
 

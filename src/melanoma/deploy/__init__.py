@@ -1,0 +1,1 @@
+"""⑤ Deploy: `melanoma predict`, ONNX export, and `melanoma serve` with its limits, micro-batching and web page."""
