@@ -288,3 +288,43 @@ def test_every_help_page_prints(verb, capsys):
         main([*verb, "--help"])
     assert stop.value.code == 0
     assert "usage: melanoma" in capsys.readouterr().out
+
+
+# --- one error base, and a light --help ------------------------------------------------------------------------
+
+
+def test_every_user_error_derives_from_the_one_base_the_cli_catches(capsys):
+    import inspect
+
+    from melanoma.core import errors
+
+    classes = [c for _, c in inspect.getmembers(errors, inspect.isclass) if c.__module__ == errors.__name__]
+    users = [c for c in classes if c not in (errors.MelanomaError, errors.RunInterrupted)]
+    assert len(users) >= 10 and all(issubclass(c, errors.MelanomaError) for c in users), users
+    assert not issubclass(errors.RunInterrupted, errors.MelanomaError)  # Ctrl-C exits 130, not 2
+
+    from melanoma.cli import main as cli
+
+    for error in users:
+        def fail(args, error=error):
+            raise error(f"{error.__name__} says what is wrong")
+
+        original = cli.COMMANDS["report"]
+        cli.COMMANDS["report"] = fail
+        try:
+            assert cli.main(["report", "RUN"]) == 2
+        finally:
+            cli.COMMANDS["report"] = original
+        assert capsys.readouterr().err == f"error: {error.__name__} says what is wrong\n"
+
+
+def test_help_imports_no_torch():
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom melanoma.cli.main import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+             "for verb in ('train', 'serve', 'evaluate', 'fit-ood'):\n    try:\n        main([verb, '--help'])\n"
+             "    except SystemExit:\n        pass\n"
+             "print(sorted(m for m in ('torch', 'numpy', 'lightning', 'timm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"

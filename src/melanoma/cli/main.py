@@ -9,7 +9,7 @@ import sys
 from typing import TYPE_CHECKING, Sequence
 
 from melanoma.cli.arguments import build_parser
-from melanoma.core.errors import DataError, RunInterrupted
+from melanoma.core.errors import DataError, MelanomaError, RunInterrupted
 
 if TYPE_CHECKING:
     from melanoma.config import TrainConfig
@@ -272,27 +272,22 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from melanoma.core.errors import ServeError
-    from melanoma.deploy.limits import DEFAULT_ALLOWED_HOSTS, ServeConfig
+    from melanoma.deploy.limits import DEFAULT_ALLOWED_HOSTS, SERVE_TTA, ServeConfig
     from melanoma.deploy.serve import serve
 
     # arguments.py parses each flag; the ranges that need several flags, the token (also from MELANOMA_TOKEN) and the
-    # host names are checked by ServeConfig, still before the run is loaded: one line and exit code 2
-    try:
-        for flag, value in (("--max-upload-mb", args.max_upload_mb),
-                            ("--max-request-megapixels", args.max_request_megapixels)):
-            if not value > 0:
-                raise ServeError(f"{flag} must be above 0, not {value:g}")
-        settings = dict(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
-                        max_request_pixels=int(args.max_request_megapixels * 1_000_000),
-                        max_concurrent=args.concurrency, queue_size=args.queue, token=args.token,
-                        max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, body_timeout_s=args.body_timeout,
-                        keep_alive_s=args.keep_alive, allowed_hosts=(*DEFAULT_ALLOWED_HOSTS, *args.allowed_hosts))
-        if args.tta is not None:  # else the serving default, melanoma.deploy.limits.SERVE_TTA
-            settings["tta"] = args.tta
-        serve(args.run, host=args.host, port=args.port, config=ServeConfig(**settings))
-    except ServeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    # host names are checked by ServeConfig, still before the run is loaded: a ServeError, one line and exit code 2
+    for flag, value in (("--max-upload-mb", args.max_upload_mb),
+                        ("--max-request-megapixels", args.max_request_megapixels)):
+        if not value > 0:
+            raise ServeError(f"{flag} must be above 0, not {value:g}")
+    config = ServeConfig(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+                         max_request_pixels=int(args.max_request_megapixels * 1_000_000),
+                         max_concurrent=args.concurrency, queue_size=args.queue, token=args.token,
+                         max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, body_timeout_s=args.body_timeout,
+                         keep_alive_s=args.keep_alive, allowed_hosts=(*DEFAULT_ALLOWED_HOSTS, *args.allowed_hosts),
+                         tta=SERVE_TTA if args.tta is None else args.tta)
+    serve(args.run, host=args.host, port=args.port, config=config)
     return 0
 
 
@@ -301,19 +296,11 @@ COMMANDS = {"audit": cmd_audit, "train": cmd_train, "evaluate": cmd_evaluate, "p
             "serve": cmd_serve, "experiment": cmd_experiment, "fit-ood": cmd_fit_ood}
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    """Exceptions whose message is meant for the user: printed as one line, exit code 2."""
-    from melanoma.core.errors import (ExplainError, ExportError, GateError, ModelError, PresetError, RunError,
-                                      WeightsError)
-
-    return (ModelError, RunError, PresetError, WeightsError, ExportError, ExplainError, GateError)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (DataError, *_user_errors()) as exc:
+    except MelanomaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except RunInterrupted as exc:
