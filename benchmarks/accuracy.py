@@ -22,7 +22,8 @@ from pathlib import Path
 from _common import TRUTH_FILES, default_sources, print_table, write_results
 
 from melanoma.cli.arguments import build_parser
-from melanoma.cli.main import _quiet_lightning, _train_config
+from melanoma.cli.arguments import config_from_args
+from melanoma.train.loop import quiet_lightning
 from melanoma.config import TrainConfig
 from melanoma.runs.layout import read_run_json
 from melanoma.train.pipeline import train
@@ -35,7 +36,7 @@ def benchmark_config(out: str, train_flags: list[str]) -> TrainConfig:
     data = [] if "--data" in train_flags else ["--data", *map(str, default_sources())]
     argv = ["train", *data, "--truth", *map(str, TRUTH_FILES), "--out", out, "--overwrite", "--no-progress",
             *train_flags]
-    return _train_config(build_parser().parse_args(argv))
+    return config_from_args(build_parser().parse_args(argv))
 
 
 def main() -> None:
@@ -51,7 +52,7 @@ def main() -> None:
         run_dir, minutes = Path(args.from_run), None
     else:
         config = benchmark_config(args.out, train_flags)
-        _quiet_lightning()
+        quiet_lightning()
         start = time.perf_counter()
         run_dir = train(config)
         minutes = round((time.perf_counter() - start) / 60, 2)

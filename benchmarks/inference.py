@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from _common import print_table, write_results
 
-from melanoma.deploy.export import _WithSoftmax
+from melanoma.deploy.export import WithSoftmax
 from melanoma.models.networks import ModelSpec, build_model, default_normalization
 
 MODELS = (("seed-cnn", 180), ("tf_efficientnet_lite0", 224))
@@ -52,7 +52,7 @@ def timings(run, batch: np.ndarray, repeats: int) -> np.ndarray:
 
 def measure(name: str, size: int, repeats: int, batch_size: int) -> list[dict]:
     mean, std = default_normalization(name)
-    model = _WithSoftmax(build_model(ModelSpec(name, 9, size, tuple(mean), tuple(std)))).eval()
+    model = WithSoftmax(build_model(ModelSpec(name, 9, size, tuple(mean), tuple(std)))).eval()
     single = (np.random.default_rng(0).random((1, 3, size, size)) * 255).astype(np.float32)
     batch = np.repeat(single, batch_size, axis=0)
     rows = []

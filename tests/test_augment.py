@@ -449,12 +449,12 @@ def test_rendering_off_leaves_both_paths_as_they_were():
 
 def test_the_rendering_flag_reaches_the_config(tmp_path):
     from melanoma.cli.arguments import build_parser
-    from melanoma.cli.main import _train_config
+    from melanoma.cli.arguments import config_from_args
     from melanoma.core.errors import RunError
     from melanoma.train.checks import validate_config
 
     def config(*flags: str) -> TrainConfig:
-        return _train_config(build_parser().parse_args(["train", "--data", "A", *flags]))
+        return config_from_args(build_parser().parse_args(["train", "--data", "A", *flags]))
 
     assert config("--rendering").rendering is True and config("--no-rendering").rendering is False
     assert config().rendering is None

@@ -12,6 +12,7 @@ from conftest import CLASSES, TRUTH_FILES, lesion_image, save_image, tiny_datase
 
 from melanoma.cli.arguments import build_parser
 from melanoma.cli.main import main
+from melanoma.config import TrainConfig
 from melanoma.core.errors import RunError
 from melanoma.runs.folder import run_folder_lock
 
@@ -322,9 +323,64 @@ def test_help_imports_no_torch():
     import subprocess
     import sys
 
-    probe = ("import sys\nfrom melanoma.cli.main import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-             "for verb in ('train', 'serve', 'evaluate', 'fit-ood'):\n    try:\n        main([verb, '--help'])\n"
-             "    except SystemExit:\n        pass\n"
+    probe = ("import sys\nfrom melanoma.cli.main import main\ntry:\n    main(['--help'])\n"
+             "except SystemExit:\n    pass\nfor verb in ('train', 'serve', 'evaluate', 'fit-ood'):\n"
+             "    try:\n        main([verb, '--help'])\n    except SystemExit:\n        pass\n"
              "print(sorted(m for m in ('torch', 'numpy', 'lightning', 'timm') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+# --- the training flags come from TrainConfig's field metadata --------------------------------------------------
+
+TRAIN_FLAGS = ["--accelerator", "--audit", "--augment-on", "--backbone-lr-scale", "--balance", "--batch-size",
+               "--colour-constancy", "--data", "--devices", "--early-stopping", "--ema", "--epochs", "--era-balance",
+               "--external", "--freeze-epochs", "--freeze-stages", "--image-root", "--image-size", "--image-steps",
+               "--input-blur", "--label-smoothing", "--logger", "--lr", "--metadata", "--model", "--no-clean",
+               "--no-progress", "--num-nodes", "--optimizer", "--out", "--overwrite", "--precision", "--preset",
+               "--recipe", "--relabel", "--rendering", "--resume", "--schedule", "--seed", "--split-seed",
+               "--strategy", "--target-sensitivity", "--test-split", "--threads", "--tracking-uri", "--truth", "--tta",
+               "--val-fraction", "--warmup-epochs", "--weight-decay", "--weights", "--workers"]  # as before #28
+
+
+def _train_parser():
+    import argparse
+
+    parser = build_parser()
+    verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return parser, verbs.choices["train"]
+
+
+def test_the_training_flags_are_spelled_as_before():
+    _, train = _train_parser()
+    flags = sorted(s for a in train._actions for s in a.option_strings if s.startswith("--") and s != "--help"
+                   and not s.startswith("--no-") or s in ("--no-clean", "--no-progress"))
+    assert flags == TRAIN_FLAGS
+
+
+def test_every_flag_reaches_its_config_field():
+    from melanoma.cli.arguments import config_from_args
+
+    parser, _ = _train_parser()
+    config = config_from_args(parser.parse_args([
+        "train", "--data", "A", "B", "--truth", "T.csv", "--ema", "0.5", "--workers", "3", "--no-clean",
+        "--no-progress", "--image-steps", "900", "--no-rendering", "--tta", "--devices", "0,1", "--lr", "1e-4",
+        "--recipe", "seed", "--augment-on", "device", "--out", "R"]))
+    assert (config.data, config.truth, config.metadata, config.out) == (["A", "B"], ["T.csv"], [], "R")
+    assert (config.ema_decay, config.num_workers, config.clean, config.progress) == (0.5, 3, False, False)
+    assert (config.image_steps, config.epochs, config.rendering, config.tta) == (900, None, False, True)
+    assert (config.devices, config.lr, config.recipe, config.augment_on) == ("0,1", 1e-4, "seed", "device")
+    defaults = config_from_args(parser.parse_args(["train", "--data", "A"]))
+    assert defaults == TrainConfig(data=["A"], out="runs/train")
+
+
+def test_the_range_checks_and_resume_flags_are_read_from_the_same_metadata():
+    from melanoma.train.checks import settings_changed_on_resume, validate_config
+
+    with pytest.raises(RunError, match=r"^--ema must be a number in \[0, 1\), not 1.0$"):
+        validate_config(TrainConfig(data=["A"], out="R", ema_decay=1.0).resolved())
+    with pytest.raises(RunError, match=r"^--workers must be a number in \[0, 256\], not 999$"):
+        validate_config(TrainConfig(data=["A"], out="R", num_workers=999).resolved())
+    saved = TrainConfig(data=["A"], out="R")
+    assert settings_changed_on_resume(TrainConfig(data=["A"], out="R", clean=False, ema_decay=0.5), saved) \
+        == ["--no-clean", "--ema"]

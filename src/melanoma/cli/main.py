@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
-from melanoma.cli.arguments import build_parser
+from melanoma.cli.arguments import build_parser, config_from_args
 from melanoma.core.errors import DataError, MelanomaError, RunInterrupted
-
-if TYPE_CHECKING:
-    from melanoma.config import TrainConfig
 
 
 def _progress(description: str):
@@ -94,60 +91,27 @@ def writable_output(path: str, folder: bool) -> None:
         raise DataError(f"--out {path}: cannot write in {probe_in} ({exc.strerror or exc})") from None
 
 
-def _quiet_lightning() -> None:
-    import logging
-    import warnings
-
-    import lightning.pytorch  # noqa: F401  (it sets its loggers' levels on import; quieten them afterwards)
-
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-
-
-def _train_config(args: argparse.Namespace) -> "TrainConfig":
-    from melanoma.config import TrainConfig
-
-    return TrainConfig(
-        data=args.data or [], out=args.out, model=args.model, recipe=args.recipe, freeze_stages=args.freeze_stages,
-        preset=args.preset, rendering=args.rendering, balance=args.balance, era_balance=args.era_balance,
-        epochs=args.epochs, image_steps=args.image_steps, batch_size=args.batch_size, lr=args.lr,
-        optimizer=args.optimizer,
-        weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, schedule=args.schedule,
-        warmup_epochs=args.warmup_epochs, freeze_epochs=args.freeze_epochs, backbone_lr_scale=args.backbone_lr_scale,
-        ema_decay=args.ema, tta=args.tta, weights=args.weights, image_size=args.image_size,
-        colour_constancy=args.colour_constancy, input_blur=args.input_blur,
-        val_fraction=args.val_fraction, target_sensitivity=args.target_sensitivity, seed=args.seed,
-        split_seed=args.split_seed,
-        clean=not args.no_clean, relabel=args.relabel,
-        audit=args.audit, external=getattr(args, "external", None), image_root=getattr(args, "image_root", None),
-        truth=args.truth or [], metadata=args.metadata or [], test_split=args.test_split,
-        early_stopping=args.early_stopping,
-        num_workers=args.workers, threads=args.threads, accelerator=args.accelerator, devices=args.devices,
-        num_nodes=args.num_nodes, strategy=args.strategy, precision=args.precision, overwrite=args.overwrite,
-        resume=args.resume, progress=not args.no_progress,
-        augment_on=args.augment_on, logger=args.logger, tracking_uri=args.tracking_uri)
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from melanoma.core.errors import RunError
     from melanoma.train.distributed import is_launch_rank_zero
+    from melanoma.train.loop import quiet_lightning
     from melanoma.train.pipeline import train
 
     if not args.data and not args.resume:
         raise RunError("--data is required (only `--out RUN --resume` can do without it: the run knows its data)")
-    _quiet_lightning()
-    run_dir = train(_train_config(args))
+    quiet_lightning()
+    run_dir = train(config_from_args(args))
     if is_launch_rank_zero():
         print(f"run folder: {run_dir}")
     return 0
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
+    from melanoma.train.loop import quiet_lightning
     from melanoma.train.seed_study import run_seed_study
 
-    _quiet_lightning()
-    base = _train_config(args)
+    quiet_lightning()
+    base = config_from_args(args)
     run_seed_study(base, args.out, epochs=args.study_epochs, experiments=tuple(args.only or ()))
     print(f"comparison: {args.out}/seed_study.md")
     return 0

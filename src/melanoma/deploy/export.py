@@ -33,7 +33,7 @@ TOLERANCE = 1e-4
 OUTPUTS = ["probabilities", "features", "logits"]
 
 
-class _WithSoftmax(torch.nn.Module):
+class WithSoftmax(torch.nn.Module):
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
@@ -45,7 +45,7 @@ class _WithSoftmax(torch.nn.Module):
 
 def export_onnx(run_dir: str | os.PathLike, opset: int = OPSET, log=print) -> Path:
     run = Run.load(run_dir, backend="torch", gate=False)
-    model = _WithSoftmax(run.model).eval()
+    model = WithSoftmax(run.model).eval()
     example = torch.rand(2, 3, run.image_size, run.image_size) * 255
     buffer = io.BytesIO()
     torch.onnx.export(model, (example,), buffer, input_names=["pixels"], output_names=OUTPUTS,

@@ -30,11 +30,10 @@ import numpy as np
 from melanoma.core.errors import GateError
 from melanoma.core.io import atomic_write_bytes
 from melanoma.core.text import display_name
+from melanoma.models.catalog import DETECTORS
 
 GATE_FILE = "ood_gate.npz"
 GATE_FORMAT = "melanoma-ood-gate-v1"
-DETECTORS = ("mahalanobis", "energy", "knn")
-DEFAULT_DETECTOR = "knn"  # rejected every far set and 99 % of clinical photos on the main job (docs/ood.md)
 KEEP = 0.95              # share of in-distribution validation images that must pass
 KNN_K = 10
 KNN_PER_NEIGHBOUR = 50  # k grows with the bank up to KNN_K: one neighbour per 50 training images (Sun et al. 2022)

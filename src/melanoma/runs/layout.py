@@ -6,31 +6,21 @@ from __future__ import annotations
 import csv
 import math
 import os
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 
+from melanoma.config import TrainConfig
 from melanoma.core.errors import RunError
 from melanoma.core.io import read_json
 from melanoma.core.text import display_name
 from melanoma.data.images import build_cache
 from melanoma.data.records import ImageRecord
 
-# Every TrainConfig field by its annotation, exactly as written in melanoma.config (tests/test_run_safety.py keeps the
-# two in step): a field added there without a line here fails that test, not a user's run.
-_FIELDS_BY_TYPE: dict[str, str] = {
-    "list[str]": "data truth metadata",
-    "str": "out model protocol test_split accelerator strategy augment_on logger",
-    "str | None": "recipe preset balance optimizer schedule weights audit precision tracking_uri image_root external",
-    "bool": "clean relabel overwrite resume progress",
-    "bool | None": "rendering era_balance tta",
-    "int": "bootstrap seed early_stopping num_workers num_nodes",
-    "int | None": "epochs image_steps batch_size freeze_epochs freeze_stages image_size split_seed threads",
-    "float": "colour_constancy val_fraction target_sensitivity",
-    "float | None": "lr weight_decay label_smoothing warmup_epochs backbone_lr_scale ema_decay input_blur",
-    "Any": "devices",
-}
-CONFIG_FIELD_TYPES: dict[str, str] = {name: kind for kind, names in _FIELDS_BY_TYPE.items() for name in names.split()}
+# Every TrainConfig field's annotation as written in melanoma.config (``from __future__ import annotations`` keeps it a
+# string such as "int | None"), checked when config.json is read back
+CONFIG_FIELD_TYPES: dict[str, str] = {spec.name: spec.type for spec in fields(TrainConfig)}
 _WORDS = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false", "None": "null",
           "list[str]": "a list of strings", "Any": "any value"}
 

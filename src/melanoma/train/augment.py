@@ -31,10 +31,11 @@ from torchvision.transforms.v2 import functional as TF
 # torchvision's own colour-space conversions (batch-shaped already), so hue shifts match ColorJitter's exactly
 from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
 
+from melanoma.config import choices_of
 from melanoma.core.hardware import uses_gpu
 from melanoma.data.transforms import Augmentation, augmentation, render, with_rendering
 
-AUGMENT_ON = ("auto", "loader", "device")
+AUGMENT_ON = choices_of("augment_on")
 # Where --augment-on auto augments on a CPU. On a busy 2-core EPYC (docs/benchmarks.md) the device path measured 5 %
 # faster with one thread and 1.8x with two (many small per-image ops suffer most from other work on the cores); the
 # default stays 'loader' until the kill-and-resume test of tests/test_training.py, which hooks the per-image

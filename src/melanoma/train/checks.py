@@ -6,7 +6,7 @@ import math
 from dataclasses import fields, replace
 from pathlib import Path
 
-from melanoma.config import TrainConfig, resolve_image_size
+from melanoma.config import TrainConfig, choices_of, flag_of, option_of, resolve_image_size
 from melanoma.core.errors import PresetError, RunError
 from melanoma.core.text import display_name
 from melanoma.data.metadata import check_metadata_files
@@ -27,14 +27,14 @@ def validate_config(config: TrainConfig) -> None:
         raise PresetError(f"unknown augmentation preset '{config.preset}' (choose from: {', '.join(PRESETS)})")
     if config.epochs is None and config.image_steps is None:
         raise RunError("give the training length as --epochs or --image-steps")
-    for name, (low, high, closed_low, closed_high) in _RANGES.items():
-        check_range(f"--{_FLAG_NAMES.get(name, name.replace('_', '-'))}", getattr(config, name), low, high,
-                    closed_low, closed_high)
+    for spec in fields(TrainConfig):  # None values mean "the recipe's" and are not checked
+        if (bounds := option_of(spec).range) is not None:
+            check_range(flag_of(spec), getattr(config, spec.name), *bounds)
     if config.colour_constancy and not config.colour_constancy >= 1:
         raise RunError(f"--colour-constancy must be a Minkowski norm >= 1 (6 is usual) or 0 for off, "
                        f"not {config.colour_constancy}")
-    if config.protocol not in ("leak-free", "leaky"):
-        raise RunError(f"unknown protocol '{config.protocol}' (leak-free or leaky)")
+    if config.protocol not in choices_of("protocol"):
+        raise RunError(f"unknown protocol '{config.protocol}' ({' or '.join(choices_of('protocol'))})")
     if config.model in SEED_MODELS and config.weights not in (None, "none"):
         raise RunError(f"--weights applies to ImageNet backbones; '{config.model}' is trained from scratch")
     build_spec(config, num_classes=2)  # unknown model names fail here
@@ -48,22 +48,6 @@ def validate_config(config: TrainConfig) -> None:
 
         read_external(config.external)  # a missing or malformed labels.csv stops the run before training
     check_metadata_files(config.metadata)
-
-
-# name: (low, high, low included, high included); None values mean "the recipe's" and are not checked
-_RANGES: dict[str, tuple[float, float, bool, bool]] = {
-    "epochs": (1, 10_000, True, True), "image_steps": (1, 100_000_000, True, True),
-    "batch_size": (1, 4096, True, True), "lr": (0, 10, False, True), "weight_decay": (0, 1, True, True),
-    "label_smoothing": (0, 1, True, False), "warmup_epochs": (0, 1000, True, True),
-    "freeze_epochs": (0, 10_000, True, True), "freeze_stages": (0, 20, True, True),
-    "backbone_lr_scale": (0, 10, True, True), "ema_decay": (0, 1, True, False),
-    "colour_constancy": (0, 100, True, True),
-    "input_blur": (0, 10, True, True), "image_size": (16, 1024, True, True), "val_fraction": (0, 1, False, False),
-    "target_sensitivity": (0, 1, False, True), "bootstrap": (0, 100_000, True, True),
-    "early_stopping": (0, 10_000, True, True), "num_workers": (0, 256, True, True), "threads": (1, 1024, True, True),
-    "num_nodes": (1, 100_000, True, True),
-}
-_FLAG_NAMES = {"ema_decay": "ema", "num_workers": "workers"}
 
 
 def check_range(flag: str, value, low: float, high: float, closed_low: bool = True, closed_high: bool = True) -> None:
@@ -136,7 +120,7 @@ def settings_changed_on_resume(config: TrainConfig, saved: TrainConfig) -> list[
         if given is None or given == [] or given == default:  # not given
             continue
         if comparable(name, given) != comparable(name, getattr(saved, name)):
-            refused.append("--no-clean" if name == "clean" else f"--{_FLAG_NAMES.get(name, name.replace('_', '-'))}")
+            refused.append(flag_of(spec))
     return refused
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
 
-from melanoma.config import TrainConfig
+from melanoma.config import TrainConfig, choices_of
 from melanoma.core.errors import RunError
 from melanoma.core.hardware import uses_gpu
 from melanoma.core.io import write_csv
@@ -152,7 +152,7 @@ def lr_schedule(config: TrainConfig, steps_per_epoch: int):
             return 0.5 * (1 + math.cos(math.pi * progress))
         return 1.0
 
-    if config.schedule not in ("constant", "cosine"):
+    if config.schedule not in choices_of("schedule"):
         raise RunError(f"unknown schedule '{config.schedule}' (constant or cosine)")
     return factor
 
@@ -370,3 +370,15 @@ def build_trainer(config: TrainConfig, model, data: PreparedData, run_dir: Path,
         callbacks=_callbacks(config, run_dir, spec, data.classes, history, generators, train_batches, batch_augment,
                              tracked))
     return trainer, module, (train_loader, val_loader)
+
+
+def quiet_lightning() -> None:
+    """Lightning's info lines and the LeafSpec warning off, before a training run prints its own progress."""
+    import logging
+    import warnings
+
+    import lightning.pytorch  # noqa: F401  (it sets its loggers' levels on import; quieten them afterwards)
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")

@@ -15,7 +15,8 @@ import torch
 from melanoma.core.errors import RunError
 from melanoma.core.io import write_json
 from melanoma.core.text import display_name
-from melanoma.models.ood import DEFAULT_DETECTOR, OODGate, fit_gate, save_gate
+from melanoma.models.catalog import DEFAULT_DETECTOR
+from melanoma.models.ood import OODGate, fit_gate, save_gate
 from melanoma.models.probabilities import predict_outputs
 from melanoma.runs.checkpoint import file_sha256
 from melanoma.runs.layout import BEST, CHECKPOINT_DIR, METRICS, read_run_json

@@ -19,11 +19,12 @@ import os
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from melanoma.config import choices_of
 from melanoma.core.errors import RunError
 from melanoma.core.io import write_json
 from melanoma.runs.layout import read_run_json
 
-LOGGERS = ("none", "tensorboard", "mlflow")
+LOGGERS = choices_of("logger")
 TENSORBOARD_DIR = "tensorboard"
 TRACKING_FILE = "tracking.json"
 EXPERIMENT = "melanoma"
