@@ -28,9 +28,6 @@ import torch
 from torch.nn import functional as F
 from torchvision.transforms.v2 import functional as TF
 
-# torchvision's own colour-space conversions (batch-shaped already), so hue shifts match ColorJitter's exactly
-from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
-
 from melanoma.config import choices_of
 from melanoma.core.hardware import uses_gpu
 from melanoma.data.transforms import Augmentation, augmentation, render, with_rendering
@@ -285,10 +282,10 @@ def _saturation(pixels: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 
 def _hue(pixels: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    hsv = _rgb_to_hsv(pixels.mul(1.0 / 255))
-    hue, saturation, value = hsv.unbind(dim=-3)
-    hue = hue.add(shift.float().view(-1, 1, 1)).remainder_(1.0)
-    rgb = _hsv_to_rgb(torch.stack((hue, saturation, value), dim=-3))
+    """Each image's hue shifted by its own amount: torchvision's public adjust_hue, the kernel the loader path's
+    ColorJitter runs, called once per image since it takes one factor."""
+    scaled = pixels.mul(1.0 / 255)
+    rgb = torch.stack([TF.adjust_hue(image, amount) for image, amount in zip(scaled, shift.tolist())])
     return rgb.mul_(255 + 1.0 - 1e-3).trunc_()  # to_dtype(uint8, scale=True)
 
 
