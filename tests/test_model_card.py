@@ -78,3 +78,20 @@ def test_report_rewrites_the_card_with_the_gate_or_without(trained, tmp_path, ca
     assert "No gate fitted" not in card
     assert "| validation_pass_rate | 0.9531 |" in card and "| far / noise / rejected | 0.987 |" in card
     assert "## Rendering consistency" in card and "| stresses / stresses / jpeg / top_class_changed | 0.125 |" in card
+
+
+def test_the_card_header_is_valid_hugging_face_metadata(trained):
+    """huggingface_hub's own parser reads the header as ModelCardData and the model-index as EvalResults, strictly
+    (it raises on metadata it cannot read), with the same values as metrics.json."""
+    from huggingface_hub import ModelCard
+
+    _, run = trained
+    metrics = json.loads((run / "metrics.json").read_text())
+    card = ModelCard((run / CARD).read_text(), ignore_metadata_errors=False)
+    assert card.data.license and card.data.pipeline_tag == "image-classification"
+    results = card.data.eval_results
+    assert results and {r.task_type for r in results} == {"image-classification"}
+    for subset in ("all", "clean"):
+        ci = metrics["test"][subset]["ci"]
+        got = {r.metric_type: r.metric_value for r in results if r.dataset_split.startswith(f"Test ({subset} ")}
+        assert got == {CARD_METRICS[key][0]: ci[key]["value"] for key in CARD_METRICS if ci[key]["value"] is not None}
