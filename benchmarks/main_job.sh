@@ -31,7 +31,7 @@ done
 total="$EPOCHREALTIME-$total_start"
 
 # the clone's own venv reports the machine the way every benchmark does (benchmarks/_common.py)
-.venv/bin/python - "$repo/benchmarks" "$result" "$total" "$clone" "${#steps[@]}" "${steps[@]}" "${seconds[@]}" <<'EOF'
+.venv/bin/python - "$clone/benchmarks" "$result" "$total" "$clone" "${#steps[@]}" "${steps[@]}" "${seconds[@]}" <<'EOF'
 import json, sys
 from pathlib import Path
 
