@@ -5,7 +5,8 @@ Both runs score the same images: their common validation split (they must have b
 same data, audit and --split-seed) and the external set (by default ../shared/data/external-dev, never trained,
 calibrated or thresholded on). For all validation images, each acquisition era (melanoma.data.records.ERAS) and the
 external set it prints each run's melanoma AUC, B minus A, and the 95 % interval of that difference from the same
-stratified resamples for both runs. A difference counts only when its interval excludes 0 ("outside noise").
+resamples for both runs (the project's one resampler, melanoma.assess.intervals: within each class). A difference
+counts only when its interval excludes 0 ("outside noise").
 
 The rule's other signals come from the same paired resamples of images (or copy pairs): validation balanced accuracy,
 top-class agreement between the two files of each picture the audit found in two sources, and the share of
@@ -25,7 +26,7 @@ from _common import REPO, print_table, write_results
 
 from melanoma.assess.consistency import copy_pairs, stressed
 from melanoma.assess.external import read_external
-from melanoma.assess.intervals import paired_auc_difference
+from melanoma.assess.intervals import paired_auc_difference, paired_difference
 from melanoma.assess.metrics import compute_metrics
 from melanoma.data.images import build_cache
 from melanoma.data.records import ERAS, MELANOMA, ImageRecord, acquisition_era
@@ -57,27 +58,14 @@ class Validation:
         return self.run.classes.index(MELANOMA)
 
 
-def paired_difference(statistic_a, statistic_b, n: int, resamples: int, seed: int) -> dict:
-    """statistic_b(rows) - statistic_a(rows) on the same resampled rows of n, with its 95 % interval; each statistic
-    takes an index array."""
-    rng = np.random.default_rng(seed)
-    everything = np.arange(n)
-    differences = np.array([statistic_b(rows) - statistic_a(rows)
-                            for rows in (rng.integers(0, n, n) for _ in range(resamples))])
-    low, high = (float(v) for v in np.percentile(differences, [2.5, 97.5]))
-    a, b = float(statistic_a(everything)), float(statistic_b(everything))
-    return {"a": a, "b": b, "difference": b - a, "low": low, "high": high, "n": n, "resamples": resamples,
-            "outside_noise": bool(low > 0 or high < 0)}
-
-
-def mean_difference(a: np.ndarray, b: np.ndarray, resamples: int, seed: int) -> dict:
-    return paired_difference(lambda rows: a[rows].mean(), lambda rows: b[rows].mean(), len(a), resamples, seed)
+def mean_difference(a: np.ndarray, b: np.ndarray, strata: np.ndarray, resamples: int, seed: int) -> dict:
+    return paired_difference(lambda rows: a[rows].mean(), lambda rows: b[rows].mean(), strata, resamples, seed)
 
 
 def balanced_accuracy_difference(a: Validation, b: Validation, resamples: int, seed: int) -> dict:
     def balanced(probs: np.ndarray):
         return lambda rows: compute_metrics(a.labels[rows], probs[rows], a.run.classes, None)["balanced_accuracy"]
-    return paired_difference(balanced(a.probs), balanced(b.probs), len(a.labels), resamples, seed)
+    return paired_difference(balanced(a.probs), balanced(b.probs), a.labels, resamples, seed)
 
 
 def copy_agreement_difference(a: Validation, b: Validation, resamples: int, seed: int) -> dict:
@@ -93,7 +81,7 @@ def copy_agreement_difference(a: Validation, b: Validation, resamples: int, seed
             raise SystemExit(f"unreadable copy files: {'; '.join(list(cache.errors.values())[:3])}")
         top = side.run.probabilities(cache.images).argmax(1)
         agree.append((top[0::2] == top[1::2]).astype(float))
-    return mean_difference(*agree, resamples, seed)
+    return mean_difference(*agree, np.array([pair["label"] for pair in pairs]), resamples, seed)
 
 
 def rerender_alert_difference(a: Validation, b: Validation, resamples: int, seed: int) -> dict:
@@ -103,15 +91,16 @@ def rerender_alert_difference(a: Validation, b: Validation, resamples: int, seed
         after = side.run.probabilities(stressed(side.images, "re-render", seed))[:, side.melanoma]
         before = side.probs[:, side.melanoma]
         changed.append(((before >= side.run.threshold) != (after >= side.run.threshold)).astype(float))
-    return mean_difference(*changed, resamples, seed)
+    return mean_difference(*changed, a.labels, resamples, seed)
 
 
 def external_scores(run: Run, folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The external images' class labels and the run's p(melanoma) for each."""
     records = read_external(folder, run.classes)
     cache = build_cache(records, size=run.image_size)
     if cache.errors:
         raise SystemExit(f"unreadable external images: {'; '.join(cache.errors.values())}")
-    return (np.array([r.label == MELANOMA for r in records]),
+    return (np.array([run.classes.index(r.label) for r in records]),
             run.probabilities(cache.images)[:, run.classes.index(MELANOMA)])
 
 
@@ -125,13 +114,13 @@ def compare(run_a: Path, run_b: Path, external: Path | None, resamples: int, see
     eras = np.array([acquisition_era(name) for name in a.names])
     parts = {"validation": np.ones(len(a.names), dtype=bool)} | {f"validation, {era}": eras == era for era in ERAS
                                                                   if (eras == era).any()}
-    result = {name: paired_auc_difference(is_melanoma[mask], a.probs[mask, a.melanoma], b.probs[mask, b.melanoma],
-                                          resamples, seed)
+    result = {name: paired_auc_difference(a.labels[mask], is_melanoma[mask], a.probs[mask, a.melanoma],
+                                          b.probs[mask, b.melanoma], resamples, seed)
               for name, mask in parts.items()}
     if external is not None:
-        truth, ext_a = external_scores(a.run, external)
+        labels, ext_a = external_scores(a.run, external)
         _, ext_b = external_scores(b.run, external)
-        result["external"] = paired_auc_difference(truth, ext_a, ext_b, resamples, seed)
+        result["external"] = paired_auc_difference(labels, labels == a.melanoma, ext_a, ext_b, resamples, seed)
     if rule_signals:
         result["balanced accuracy, validation"] = balanced_accuracy_difference(a, b, resamples, seed)
         result["copy agreement"] = copy_agreement_difference(a, b, resamples, seed)

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 from _common import print_table, write_results
-from sklearn.metrics import roc_auc_score
 
+from melanoma.assess.intervals import percentile_interval, stratified_resamples
+from melanoma.assess.metrics import auc
 from melanoma.config import TrainConfig
 from melanoma.core.io import read_json
 from melanoma.data.records import ERAS, MELANOMA, acquisition_era
@@ -45,7 +46,7 @@ def era_scores(run_dir: Path) -> dict:
     def summary(mask: np.ndarray) -> dict:
         positives = is_melanoma & mask
         return {"images": int(mask.sum()), "melanomas": int(positives.sum()),
-                "melanoma_auc": float(roc_auc_score(is_melanoma[mask], probs[mask, melanoma])),
+                "melanoma_auc": auc(is_melanoma[mask], probs[mask, melanoma]),
                 "melanoma_recall_at_alert": float(alert[positives].mean()),
                 "melanomas_called_nevus": float((probs[positives].argmax(1) == nevus).mean())}
 
@@ -53,31 +54,27 @@ def era_scores(run_dir: Path) -> dict:
     return {"run": str(run_dir), "threshold": run.threshold,
             "validation_balanced_accuracy": validation["balanced_accuracy"],
             "all": summary(np.ones(len(old), dtype=bool)), "old_era": summary(old),
-            "_paired": {"names": names, "old": old, "is_melanoma": is_melanoma, "score": probs[:, melanoma]}}
+            "_paired": {"names": names, "old": old, "is_melanoma": is_melanoma, "labels": data.val_labels,
+                        "score": probs[:, melanoma]}}
 
 
 def paired_old_era_bootstrap(results: list[dict], resamples: int = 2000, seed: int = 0) -> None:
     """95% intervals of each run's old-era melanoma AUC and of its difference from the first run's, from the same
-    resamples of the old-era validation images (melanomas and the rest resampled separately). Adds them in place."""
+    resamples of the old-era validation images (within each class, melanoma.assess.intervals). Adds them in place."""
     first = results[0]["_paired"]
     for result in results[1:]:
         if result["_paired"]["names"] != first["names"]:
             raise SystemExit(f"{result['run']} has another validation split than {results[0]['run']}: "
                              "paired comparison needs the same split (train with the same --split-seed)")
-    positives = np.flatnonzero(first["old"] & first["is_melanoma"])
-    negatives = np.flatnonzero(first["old"] & ~first["is_melanoma"])
-    rng = np.random.default_rng(seed)
-    aucs = np.empty((resamples, len(results)))
-    for row in range(resamples):
-        picked = np.concatenate([rng.choice(positives, len(positives)), rng.choice(negatives, len(negatives))])
-        truth = first["is_melanoma"][picked]
-        aucs[row] = [roc_auc_score(truth, result["_paired"]["score"][picked]) for result in results]
+    old = np.flatnonzero(first["old"])
+    truth = first["is_melanoma"][old]
+    aucs = np.array([[auc(truth[rows], result["_paired"]["score"][old][rows]) for result in results]
+                     for rows in stratified_resamples(first["labels"][old], resamples, seed)])
     for column, result in enumerate(results):
-        low, high = np.percentile(aucs[:, column], [2.5, 97.5])
         difference = aucs[:, column] - aucs[:, 0]
-        result["old_era"]["melanoma_auc_ci95"] = [float(low), float(high)]
+        result["old_era"]["melanoma_auc_ci95"] = list(percentile_interval(aucs[:, column]))
         if column:
-            result["old_era"]["auc_minus_first_ci95"] = [float(v) for v in np.percentile(difference, [2.5, 97.5])]
+            result["old_era"]["auc_minus_first_ci95"] = list(percentile_interval(difference))
             result["old_era"]["share_of_resamples_above_first"] = float((difference > 0).mean())
 
 

@@ -157,15 +157,17 @@ def test_external_validation_scores_melanoma_auc_and_the_alert(tmp_path):
     assert result["n"] == 8 and result["counts"] == {"melanoma": 4, "nevus": 4}
     assert result["melanoma_auc"]["value"] == 1.0 and result["melanoma_vs_nevus_auc"]["value"] == 1.0
     assert result["melanoma"]["sensitivity"] == 1.0 and result["melanoma"]["specificity"] == 1.0
+    # one interval for one number: the AUC's interval is the headline bootstrap's, from the same resamples
+    assert {k: result["melanoma_auc"][k] for k in ("value", "low", "high")} == result["ci"]["melanoma_auc"]
 
 
 def test_paired_bootstrap_tells_a_real_gain_from_none():
     rng = np.random.default_rng(0)
     positive = np.arange(200) < 60
     noise = rng.random(200)
-    same = paired_auc_difference(positive, noise, noise.copy(), resamples=200)
+    same = paired_auc_difference(positive, positive, noise, noise.copy(), resamples=200)
     assert same["difference"] == 0 and same["low"] == 0 and same["high"] == 0 and not same["outside_noise"]
-    better = paired_auc_difference(positive, noise, noise + positive, resamples=200)
+    better = paired_auc_difference(positive, positive, noise, noise + positive, resamples=200)
     assert better["difference"] > 0.3 and better["low"] > 0 and better["outside_noise"]
 
 

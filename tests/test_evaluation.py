@@ -16,6 +16,7 @@ from melanoma.assess.intervals import bootstrap_ci
 from melanoma.assess.metrics import compute_metrics, headline, threshold_for_sensitivity
 from melanoma.cli.main import main as cli_main
 from melanoma.core.errors import DataError, RunError
+from melanoma.data.records import ISIC_CLASSES
 
 THREE = ["melanoma", "nevus", "vascular lesion"]
 
@@ -220,3 +221,43 @@ def test_report_shows_validation_within_each_era(trained, tmp_path):
     assert cli_main(["report", str(copy)]) == 0
     page = (copy / "report.html").read_text()
     assert "Validation (split from Train)" in page and "<td>2016-17 archive</td>" in page and "<td>later</td>" in page
+
+
+# --- one AUC, one resampler ------------------------------------------------------------------------------------
+
+
+def test_the_one_auc_matches_scikit_learn_with_ties_and_refuses_one_sided_data():
+    from sklearn.metrics import roc_auc_score
+
+    from melanoma.assess.metrics import auc
+
+    rng = np.random.default_rng(3)
+    positive = rng.random(300) < 0.3
+    score = np.round(rng.random(300) + positive * 0.3, 1)  # many ties
+    assert auc(positive, score) == pytest.approx(roc_auc_score(positive, score), abs=1e-12)
+    assert auc(np.ones(5, bool), score[:5]) is None and auc(np.zeros(5, bool), score[:5]) is None
+
+
+def test_every_resample_keeps_each_stratum_s_count_and_is_seeded():
+    from melanoma.assess.intervals import stratified_resamples
+
+    strata = np.array([2, 0, 0, 1, 2, 2, 0, 1, 2, 2])
+    draws = list(stratified_resamples(strata, 50, seed=4))
+    assert len(draws) == 50
+    for rows in draws:
+        assert sorted(np.bincount(strata[rows]).tolist()) == sorted(np.bincount(strata).tolist())
+    again = list(stratified_resamples(strata, 50, seed=4))
+    assert all((a == b).all() for a, b in zip(draws, again))
+    assert any((a != b).any() for a, b in zip(draws, stratified_resamples(strata, 50, seed=5)))
+
+
+def test_the_auc_interval_and_the_headline_bootstrap_share_their_resamples():
+    from melanoma.assess.intervals import auc_interval, bootstrap_ci
+
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, len(ISIC_CLASSES), 200)
+    probs = rng.dirichlet(np.ones(len(ISIC_CLASSES)), 200)
+    m = ISIC_CLASSES.index("melanoma")
+    ci = bootstrap_ci(labels, probs, ISIC_CLASSES, 0.2, resamples=100, seed=1)["melanoma_auc"]
+    alone = auc_interval(labels, labels == m, probs[:, m], resamples=100, seed=1)
+    assert (alone["value"], alone["low"], alone["high"]) == (ci["value"], ci["low"], ci["high"])

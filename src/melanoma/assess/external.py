@@ -92,12 +92,14 @@ def external_validation(folder: str | Path, predict: Callable[[np.ndarray], np.n
     if MELANOMA in classes:
         m = list(classes).index(MELANOMA)
         is_melanoma = labels == m
-        result["melanoma_auc"] = auc_interval(is_melanoma, probs[:, m], resamples, seed)
+        # the same resamples (within each class) as ci.melanoma_auc: one interval for one number
+        result["melanoma_auc"] = auc_interval(labels, is_melanoma, probs[:, m], resamples, seed)
         result["median_p_melanoma"] = {"melanomas": _median(probs[is_melanoma, m]),
                                        "others": _median(probs[~is_melanoma, m])}
         if NEVUS in classes:
             pair = np.isin(labels, [m, list(classes).index(NEVUS)])
-            result["melanoma_vs_nevus_auc"] = auc_interval(is_melanoma[pair], probs[pair, m], resamples, seed)
+            result["melanoma_vs_nevus_auc"] = auc_interval(labels[pair], is_melanoma[pair], probs[pair, m], resamples,
+                                                           seed)
     return result
 
 

@@ -1,8 +1,9 @@
-"""Metrics, and ``melanoma evaluate RUN``.
+"""Metrics from labels and probabilities.
 
-``compute_metrics`` is the only place metrics are computed from labels and probabilities (the probabilities come
-from :mod:`melanoma.models.probabilities`, the only place a model meets evaluation images); ``bootstrap_ci`` puts
-confidence intervals on the headline numbers; ``threshold_for_sensitivity`` chooses the melanoma alert threshold.
+``compute_metrics`` is the only place metrics are computed (the probabilities come from
+:mod:`melanoma.models.probabilities`, the only place a model meets evaluation images); :func:`auc` is the one area
+under the ROC curve every number uses; ``headline`` is the handful that :mod:`melanoma.assess.intervals` puts
+intervals on; ``threshold_for_sensitivity`` chooses the melanoma alert threshold.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def compute_metrics(labels: Sequence[int], probabilities: np.ndarray, classes: S
         "balanced_accuracy": float(recall[present].mean()) if len(labels) else float("nan"),
         "macro_f1": float(f1[present].mean()) if len(labels) else float("nan"),
         "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                             "support": int(support[i]), "auc": _one_vs_rest_auc(labels == i, probabilities[:, i])}
+                             "support": int(support[i]), "auc": auc(labels == i, probabilities[:, i])}
                       for i, name in enumerate(classes)},
         "confusion_matrix": confusion_matrix(labels, predicted, labels=all_classes).tolist(),
     }
@@ -43,23 +44,25 @@ def compute_metrics(labels: Sequence[int], probabilities: np.ndarray, classes: S
     return metrics
 
 
-def _one_vs_rest_auc(positive: np.ndarray, score: np.ndarray) -> float | None:
-    from sklearn.metrics import roc_auc_score
+def auc(positive: np.ndarray, score: np.ndarray) -> float | None:
+    """Area under the ROC curve from ranks (ties count half, as scikit-learn's); None when a side is empty."""
+    from scipy.stats import rankdata
 
-    if not positive.any() or positive.all():
+    positive = np.asarray(positive, dtype=bool)
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    if not n_pos or not n_neg:
         return None
-    return float(roc_auc_score(positive, score))
+    ranks = rankdata(score)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def melanoma_metrics(is_melanoma: np.ndarray, melanoma_probability: np.ndarray, predicted_melanoma: np.ndarray,
                      threshold: float | None) -> dict:
     """Melanoma vs rest: AUC, and sensitivity/specificity of the top-class call and (if given) of the alert
     threshold."""
-    from sklearn.metrics import roc_auc_score
-
     positives, negatives = is_melanoma.sum(), (~is_melanoma).sum()
-    result = {"positives": int(positives), "negatives": int(negatives),
-              "auc": float(roc_auc_score(is_melanoma, melanoma_probability)) if positives and negatives else None,
+    result = {"positives": int(positives), "negatives": int(negatives), "auc": auc(is_melanoma, melanoma_probability),
               "recall_top_class": _rate(predicted_melanoma & is_melanoma, positives),
               "specificity_top_class": _rate(~predicted_melanoma & ~is_melanoma, negatives)}
     if threshold is not None:
@@ -98,8 +101,6 @@ def headline(labels: np.ndarray, probabilities: np.ndarray, classes: Sequence[st
              threshold: float | None) -> dict[str, float | None]:
     """The few numbers reported with confidence intervals, in plain numpy (fast enough for 1,000 resamples);
     ``tests/test_evaluation.py`` checks them against scikit-learn."""
-    from scipy.stats import rankdata
-
     labels = np.asarray(labels)
     k = len(classes)
     predicted = probabilities.argmax(axis=1)
@@ -116,9 +117,7 @@ def headline(labels: np.ndarray, probabilities: np.ndarray, classes: Sequence[st
     score = probabilities[:, list(classes).index(MELANOMA)]
     positive = labels == list(classes).index(MELANOMA)
     n_pos, n_neg = positive.sum(), (~positive).sum()
-    if n_pos and n_neg:
-        ranks = rankdata(score)
-        result["melanoma_auc"] = float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    result["melanoma_auc"] = auc(positive, score)
     if threshold is not None:
         alert = score >= threshold
         result["melanoma_sensitivity"] = float(alert[positive].mean()) if n_pos else None
