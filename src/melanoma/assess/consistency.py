@@ -13,9 +13,7 @@ it costs seconds, not minutes; ``benchmarks/consistency.py`` measures any run fo
 """
 from __future__ import annotations
 
-import csv
 import io
-import json
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -23,6 +21,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image
 
+from melanoma.audit.manifest import manifest_file, read_clean_manifest
+from melanoma.audit.report import read_audit_json
 from melanoma.data.images import build_cache
 from melanoma.data.records import MELANOMA, ImageRecord
 
@@ -140,13 +140,11 @@ def copy_pairs(audit_dir: Path) -> list[dict]:
     """One pair per picture the audit found in more than one source: {"files": [a, b], "sources", "label"} with a
     from the first source (by name) and b from the next. From audit.json's duplicate groups, or, for an audit
     without them, files of one ISIC id in two sources of clean_manifest.csv. Empty if the audit is absent."""
-    audit_json, manifest = Path(audit_dir) / "audit.json", Path(audit_dir) / "clean_manifest.csv"
     groups: list[dict] = []
-    if audit_json.is_file():
-        with open(audit_json, encoding="utf-8") as handle:
-            groups = [g for g in json.load(handle).get("duplicate_groups", []) if len(set(g.get("sources", []))) > 1]
-    elif manifest.is_file():
-        groups = _same_id_groups(manifest)
+    if (audit := read_audit_json(audit_dir)) is not None:
+        groups = [g for g in audit.get("duplicate_groups", []) if len(set(g.get("sources", []))) > 1]
+    elif manifest_file(audit_dir).is_file():
+        groups = _same_id_groups(read_clean_manifest(audit_dir))
     pairs = []
     for group in groups:
         first = {}
@@ -159,9 +157,7 @@ def copy_pairs(audit_dir: Path) -> list[dict]:
     return sorted(pairs, key=lambda p: p["files"])
 
 
-def _same_id_groups(manifest: Path) -> list[dict]:
-    with open(manifest, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
+def _same_id_groups(rows: list[dict]) -> list[dict]:
     by_id: dict[str, list[dict]] = {}
     for row in rows:
         if row.get("image_id", "").startswith("ISIC_"):

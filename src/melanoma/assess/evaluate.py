@@ -10,6 +10,7 @@ from melanoma.assess.intervals import bootstrap_ci
 from melanoma.assess.metrics import compute_metrics, threshold_for_sensitivity
 from melanoma.assess.subgroups import subgroup_report
 from melanoma.data.records import MELANOMA
+from melanoma.runs.layout import CONFUSION, METRICS, PR, ROC
 
 # ---------------------------------------------------------------------------------------------------------------
 # melanoma evaluate RUN
@@ -70,12 +71,12 @@ def evaluate_run(run_dir: str, data: str | None = None, split: str = "Test", out
         run.classes, run.threshold, index, *_run_metadata_files(run.config["config"], metadata, log),
         resamples=resamples, log=log)
     out_dir = Path(out or Path(run_dir) / f"evaluation-{split.lower()}")
-    write_json(out_dir / "metrics.json", report)
+    write_json(out_dir / METRICS, report)
     save_figure(confusion_figure(report["all"]["confusion_matrix"], run.classes, f"{split} (n={len(ok)})"),
-                out_dir / "confusion.png")
+                out_dir / CONFUSION)
     roc, pr = roc_pr_figures(labels, probs, run.classes)
-    save_figure(roc, out_dir / "roc.png")
-    save_figure(pr, out_dir / "pr.png")
+    save_figure(roc, out_dir / ROC)
+    save_figure(pr, out_dir / PR)
     rows = [{"image": records[i].rel_path, "label": records[i].label, "leaked": int(leaked[i]),
              "predicted": run.classes[int(p.argmax())], **{c: f"{v:.6f}" for c, v in zip(run.classes, p)}}
             for i, p in zip(ok, probs)]
@@ -132,21 +133,15 @@ def _check_same_classes(run_classes: Sequence[str], data_classes: Sequence[str])
 def _audit_rows(run_dir, run_config: dict, index, records) -> list[dict]:
     """The clean-manifest rows of the audit the run trained with (its --audit folder or its own), when that audit
     covers ``records``; else a fresh audit of ``index``."""
-    import csv as csv_module
-
-    from melanoma.audit.manifest import record_key, rows_by_key
+    from melanoma.audit.manifest import manifest_file, read_clean_manifest, record_key, rows_by_key
+    from melanoma.audit.report import audit_now
     from melanoma.runs.layout import audit_folder
 
-    manifest_path = audit_folder(run_config, run_dir) / "clean_manifest.csv"
-    rows: list[dict] = []
-    if manifest_path.is_file():  # written with surrogateescape: a file name that is not UTF-8 reads back as it was
-        with open(manifest_path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
-            rows = list(csv_module.DictReader(handle))
+    folder = audit_folder(run_config, run_dir)
+    rows = read_clean_manifest(folder) if manifest_file(folder).is_file() else []
     by_key = rows_by_key(rows)
     if not rows or not all(record_key(r, by_key) in by_key for r in records):
-        from melanoma.audit.audit import run_audit
-
-        rows = run_audit(index).manifest
+        rows = audit_now(index)
     return rows
 
 

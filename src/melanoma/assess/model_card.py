@@ -13,7 +13,7 @@ from pathlib import Path
 
 from melanoma.assess.subgroups import format_ci
 from melanoma.core.io import atomic_write_text
-from melanoma.runs.layout import CONFIG, METRICS, read_run_json
+from melanoma.runs.layout import CONFIG, DATA, METRICS, read_run_json
 
 CARD = "MODEL_CARD.md"
 # The training images' licence (ISIC Archive: CC BY-NC 4.0 or CC0 per image; HAM10000: CC BY-NC 4.0): weights learnt
@@ -35,7 +35,7 @@ def write_model_card(run_dir: str | os.PathLike) -> Path:
     run_dir = Path(run_dir)
     config = read_run_json(run_dir / CONFIG, require="config")
     metrics = read_run_json(run_dir / METRICS)
-    data = read_run_json(run_dir / "data.json") if (run_dir / "data.json").is_file() else {}
+    data = read_run_json(run_dir / DATA) if (run_dir / DATA).is_file() else {}
     return atomic_write_text(run_dir / CARD, model_card(run_dir.name, config, metrics, data))
 
 

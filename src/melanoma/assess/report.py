@@ -17,10 +17,21 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from melanoma.audit.report import AUDIT_JSON
 from melanoma.core.errors import RunError
 from melanoma.core.io import atomic_write_text, read_json
 from melanoma.core.text import display_name
-from melanoma.runs.layout import CONFIG, METRICS, read_run_json
+from melanoma.runs.layout import (
+    AUDIT_DIR,
+    CONFIG,
+    CONFUSION,
+    DATA,
+    METRICS,
+    REPORT,
+    ROC,
+    TEST_PREDICTIONS,
+    read_run_json,
+)
 
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
@@ -66,7 +77,7 @@ def write_run_report(run_dir: str | Path, gallery_size: int = 12) -> Path:
         raise RunError(f"{display_name(run_dir)}: training has not finished (no {METRICS}); finish it with "
                        f"`melanoma train --out {display_name(run_dir)} --resume`")
     metrics = read_run_json(run_dir / METRICS, require="validation")
-    data = read_run_json(run_dir / "data.json")
+    data = read_run_json(run_dir / DATA)
     figures = _figures(run_dir, config, metrics)
     sections = [
         f"<h1>melanoma run: {html.escape(run_dir.name)}</h1>",
@@ -92,7 +103,7 @@ def write_run_report(run_dir: str | Path, gallery_size: int = 12) -> Path:
     ]
     page = ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>melanoma run report</title>"
             f"<style>{STYLE}</style></head><body>" + "\n".join(s for s in sections if s) + "</body></html>\n")
-    return atomic_write_text(run_dir / "report.html", page)
+    return atomic_write_text(run_dir / REPORT, page)
 
 
 def _pretty(payload) -> str:
@@ -109,19 +120,19 @@ def _figures(run_dir: Path, config: dict, metrics: dict) -> dict[str, Path]:
     if "test" not in metrics:
         return figures
     classes = config["classes"]
-    confusion = run_dir / "confusion.png"
+    confusion = run_dir / CONFUSION
     save_figure(confusion_figure(metrics["test"]["all"]["confusion_matrix"], classes, "Test"), confusion)
     figures["confusion"] = confusion
     labels, probs, _, _ = _test_predictions(run_dir, classes)
     if len(labels):
         roc, _ = roc_pr_figures(labels, probs, classes)
-        save_figure(roc, run_dir / "roc.png")
-        figures["roc"] = run_dir / "roc.png"
+        save_figure(roc, run_dir / ROC)
+        figures["roc"] = run_dir / ROC
     return figures
 
 
 def _test_predictions(run_dir: Path, classes: list[str]):
-    path = run_dir / "test_predictions.csv"
+    path = run_dir / TEST_PREDICTIONS
     if not path.is_file():
         return np.zeros(0, dtype=int), np.zeros((0, len(classes))), [], []
     with open(path, newline="", encoding="utf-8") as handle:
@@ -224,7 +235,7 @@ def _data_section(run_dir: Path, data: dict) -> str:
     rows = "".join(f"<tr><td>{html.escape(c)}</td><td>{data['train_counts'][c]}</td><td>{data['val_counts'][c]}</td>"
                    f"<td>{data['test_counts'][c]}</td></tr>" for c in classes)
     dropped = ", ".join(f"{v} {html.escape(k)}" for k, v in data["dropped"].items()) or "nothing"
-    audit = run_dir / "audit" / "audit.json"
+    audit = run_dir / AUDIT_DIR / AUDIT_JSON
     flagged = ""
     if audit.is_file():
         summary = read_json(audit)["summary"]

@@ -3,14 +3,17 @@
 ``melanoma evaluate``."""
 from __future__ import annotations
 
+import csv
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 from melanoma.core.errors import DataError
 from melanoma.core.text import display_name
 from melanoma.data.records import DatasetIndex, ImageRecord
 
+CLEAN_MANIFEST = "clean_manifest.csv"  # in every audit folder (melanoma audit --out, or RUN/audit)
 # What the audit recommends for each image (the `action` column)
 ACTION_KEEP = "keep"
 ACTION_DROP_TRAIN_COPY = "drop-train-copy-of-test"
@@ -21,6 +24,24 @@ ACTION_DROP_DUPLICATE = "drop-duplicate"
 ACTION_EXCLUDE_DISPUTED = "exclude-disputed-truth"
 MANIFEST_COLUMNS = ("key", "path", "source", "split", "image_id", "folder_label", "official_label", "official_source",
                     "lesion_id", "group", "leaked", "action", "reason")
+
+
+def manifest_file(audit: str | Path) -> Path:
+    """An audit folder's clean_manifest.csv, or the file itself when ``audit`` names it (``--audit`` takes both)."""
+    path = Path(audit)
+    return path / CLEAN_MANIFEST if path.is_dir() else path
+
+
+def read_clean_manifest(audit: str | Path) -> list[dict]:
+    """The rows of an audit's clean_manifest.csv (``audit``: the folder or the file): the one reader of that file.
+    It is written with surrogateescape (melanoma.core.io), so a file name that is not UTF-8 reads back as it was."""
+    path = manifest_file(audit)
+    if not path.is_file():
+        raise DataError(f"{display_name(path)}: no {CLEAN_MANIFEST} there; run `melanoma audit` first")
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
+        return list(csv.DictReader(handle))
+
+
 DROPPING_ACTIONS = (ACTION_DROP_TRAIN_COPY, ACTION_EXCLUDE_CONFLICT, ACTION_EXCLUDE_UNREADABLE, ACTION_DROP_DUPLICATE,
                     ACTION_EXCLUDE_DISPUTED)
 # A held-out split is scored as it is, except: an unreadable image, a picture whose sources disagree on its official

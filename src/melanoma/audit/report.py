@@ -9,15 +9,17 @@ from typing import Sequence
 
 import numpy as np
 
-from melanoma.audit.audit import AuditResult
-from melanoma.audit.manifest import MANIFEST_COLUMNS
+from melanoma.audit.audit import AuditConfig, AuditResult, run_audit
+from melanoma.audit.manifest import CLEAN_MANIFEST, MANIFEST_COLUMNS
 from melanoma.core.errors import ImageDecodeError
-from melanoma.core.io import atomic_write_text, save_figure, write_csv, write_json
+from melanoma.core.io import atomic_write_text, read_json, save_figure, write_csv, write_json
 from melanoma.core.plots import class_counts_figure, image_grid_figure, pairs_figure
 from melanoma.core.text import display_name
 from melanoma.data.images import decode_image
 from melanoma.data.records import DatasetIndex, ImageRecord
 
+AUDIT_JSON = "audit.json"  # the machine-readable contract; its presence marks an audit folder
+AUDIT_MARKDOWN = "audit.md"
 OPTIONAL_OUTPUTS = ("samples.png", "leaks.png")  # written only when there is something to show
 
 
@@ -28,8 +30,8 @@ def write_audit(result: AuditResult, index: DatasetIndex, out_dir: str | os.Path
     for optional in OPTIONAL_OUTPUTS:  # a re-used folder must not show a previous audit's figure as this one's
         (out / optional).unlink(missing_ok=True)
     written = {
-        "json": write_json(out / "audit.json", result.to_json()),
-        "manifest": write_csv(out / "clean_manifest.csv", result.manifest, MANIFEST_COLUMNS),
+        "json": write_json(out / AUDIT_JSON, result.to_json()),
+        "manifest": write_csv(out / CLEAN_MANIFEST, result.manifest, MANIFEST_COLUMNS),
         "counts_png": save_figure(class_counts_figure(result.counts, result.classes), out / "class_counts.png"),
     }
     grid = _sample_grid(index, result)
@@ -38,7 +40,7 @@ def write_audit(result: AuditResult, index: DatasetIndex, out_dir: str | os.Path
     leak_figure = _leak_pairs_figure(index, result)
     if leak_figure is not None:
         written["leaks_png"] = save_figure(leak_figure, out / "leaks.png")
-    written["markdown"] = atomic_write_text(out / "audit.md",
+    written["markdown"] = atomic_write_text(out / AUDIT_MARKDOWN,
                                             audit_markdown(result, [str(p) for p in written.values()]))
     return written
 
@@ -143,3 +145,18 @@ def _section(title: str, columns: Sequence[str], rows: Sequence[dict], limit: in
     if len(rows) > limit:
         lines.append(f"\n... {len(rows) - limit} more in `audit.json`.")
     return lines + [""]
+
+
+def read_audit_json(audit_dir: str | os.PathLike) -> dict | None:
+    """An audit folder's audit.json, or None where the folder has none (an older audit, or none at all)."""
+    path = Path(audit_dir) / AUDIT_JSON
+    return read_json(path) if path.is_file() else None
+
+
+def audit_now(index: DatasetIndex, truth=None, out_dir: str | os.PathLike | None = None) -> list[dict]:
+    """Audit ``index`` now (with ``truth``, official ground truth, when given) and return its clean-manifest rows;
+    with ``out_dir``, the audit folder is written there as ``melanoma audit`` writes it."""
+    result = run_audit(index, truth, AuditConfig())
+    if out_dir is not None:
+        write_audit(result, index, out_dir)
+    return result.manifest

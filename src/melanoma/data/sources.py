@@ -237,6 +237,8 @@ def discover_folder(root: str | os.PathLike, classes: Sequence[str] | None = Non
                                            **({"class_folders_mapped": mapped} if mapped else {}))])
 
 
+# the audit folder's audit.json and clean_manifest.csv, a run folder's config.json: spelled here because data sits below
+# audit and runs in the layer order; tests/runs/test_layout.py keeps them equal to the names those packages own
 RUN_FOLDER_FILES = ("audit.json", "config.json", "clean_manifest.csv")
 
 

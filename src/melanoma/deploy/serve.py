@@ -67,6 +67,7 @@ from melanoma.deploy.limits import (
     read_capped,
     resolve_token,
 )
+from melanoma.runs.layout import METRICS
 
 LOG = logging.getLogger("melanoma.serve")
 DISCLAIMER = ("Research tool, not a medical device. It does not diagnose; every lesion of concern needs a "
@@ -224,7 +225,7 @@ def _result(run, answers, position: int) -> dict:
 def model_card(run) -> dict:
     from melanoma.core.io import read_json
 
-    metrics_path = run.path / "metrics.json"
+    metrics_path = run.path / METRICS
     metrics = read_json(metrics_path) if metrics_path.is_file() else {}
     validation = metrics.get("validation", {})
     config = run.config["config"]

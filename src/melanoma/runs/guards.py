@@ -11,10 +11,11 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from melanoma.audit.report import AUDIT_JSON
 from melanoma.core.errors import RunError
 from melanoma.core.io import read_json
 from melanoma.core.text import display_name
-from melanoma.runs.layout import config_json_problem
+from melanoma.runs.layout import CHECKPOINT_DIR, CONFIG, DATA, METRICS, config_json_problem
 
 # ---------------------------------------------------------------------------------------------------------------
 # Where a run or an audit may be written
@@ -23,13 +24,13 @@ from melanoma.runs.layout import config_json_problem
 def is_run_folder(path: Path) -> bool:
     """A folder ``melanoma train`` wrote: its config.json reads back as a run's, beside the run's data record,
     checkpoints folder or metrics. Only such a folder (or an empty one) is ever replaced by --overwrite."""
-    try:  # the names melanoma.runs.run gives these files
-        payload = read_json(path / "config.json")
+    try:
+        payload = read_json(path / CONFIG)
     except (OSError, ValueError, UnicodeDecodeError):
         return False
     if not isinstance(payload, dict) or config_json_problem(payload) is not None:
         return False
-    return any((path / name).exists() for name in ("data.json", "checkpoints", "metrics.json"))
+    return any((path / name).exists() for name in (DATA, CHECKPOINT_DIR, METRICS))
 
 
 def check_replaceable(run_dir: Path) -> None:
@@ -58,7 +59,7 @@ def check_audit_output(out: str | os.PathLike, inputs: Sequence[str]) -> None:
     folder (one with audit.json), whose files it replaces; never a folder holding anything else."""
     target = Path(out)
     check_apart_from_inputs(target, inputs)
-    if target.is_dir() and any(target.iterdir()) and not (target / "audit.json").is_file():
+    if target.is_dir() and any(target.iterdir()) and not (target / AUDIT_JSON).is_file():
         raise RunError(f"--out {display_name(target)} holds other files and is not an audit folder (no audit.json); "
                        "choose a new or empty folder")
 

@@ -8,6 +8,7 @@ import math
 import os
 from dataclasses import fields
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -84,46 +85,18 @@ def _shown(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The audit's cross-source copies
-
-
-def audit_folder(run_config: dict, run_dir: Path) -> Path:
-    """Where a run's audit lies: its --audit folder (or that clean_manifest.csv's folder), else the run's own."""
-    given = run_config.get("audit")
-    if given:
-        path = Path(given)
-        return path if path.is_dir() else path.parent
-    return Path(run_dir) / "audit"
-
-
-def run_split(run_dir: Path, role: str, image_size: int) -> tuple[list[str], np.ndarray, np.ndarray, Path]:
-    """A finished run's images of one split role (``val``, ``train``) from its split.csv and data.json: names,
-    label indices, images decoded at ``image_size`` as training decoded them, and the data root."""
-    from melanoma.core.errors import RunError
-
-    root = Path(read_run_json(Path(run_dir) / "data.json").get("root") or ".")
-    split_csv = Path(run_dir) / "split.csv"
-    if not split_csv.is_file():
-        raise RunError(f"{display_name(split_csv)}: not found; is {display_name(run_dir)} a finished run folder?")
-    with open(split_csv, newline="", encoding="utf-8") as handle:
-        rows = [row for row in csv.DictReader(handle) if row["role"] == role]
-    records = [ImageRecord(path=root / row["path"], rel_path=row["path"], label=row["label"]) for row in rows]
-    cache = build_cache(records, size=image_size, workers=min(4, os.cpu_count() or 1))
-    if cache.errors:
-        raise RunError(f"{display_name(run_dir)}: {len(cache.errors)} {role} image(s) no longer readable, e.g. "
-                       f"{next(iter(cache.errors.values()))}")
-    return [row["path"] for row in rows], np.array([int(row["label"]) for row in rows]), cache.images, root
-
-
-def trained_files(run_dir: Path) -> set[str]:
-    """The files a run trained on (split.csv role 'train')."""
-    with open(Path(run_dir) / "split.csv", newline="", encoding="utf-8") as handle:
-        return {row["path"] for row in csv.DictReader(handle) if row["role"] == "train"}
-
-CONFIG = "config.json"
-METRICS = "metrics.json"
+# What a run folder holds (melanoma train writes it; docs/training.md describes each file)
+CONFIG = "config.json"            # the resolved TrainConfig, classes, preprocessing, data fingerprint, resumes
+DATA = "data.json"                # what the data preparation did: sources, counts, the data root
+SPLIT = "split.csv"               # which image trained, validated or was held out (SPLIT_COLUMNS)
+SPLIT_COLUMNS = ("path", "label", "role", "source", "key")
 HISTORY = "history.csv"
+METRICS = "metrics.json"
+TEST_PREDICTIONS = "test_predictions.csv"
+CURVES = "curves.png"
+CONFUSION, ROC, PR, RELIABILITY = "confusion.png", "roc.png", "pr.png", "reliability.png"  # evaluate writes these too
+REPORT = "report.html"
+AUDIT_DIR = "audit"               # the run's own audit, when it was not given one with --audit
 CHECKPOINT_DIR = "checkpoints"
 BEST = "best.pt"
 LAST = "last.ckpt"
@@ -163,3 +136,45 @@ def read_history(run_dir: Path) -> list[dict]:
         raise RunError(f"{display_name(path)}: not a melanoma {HISTORY} ({reason}); the run folder is damaged") \
             from None
     return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# split.csv and the run's audit
+
+
+def read_split(run_dir: str | os.PathLike, roles: Sequence[str] | None = None) -> list[dict]:
+    """split.csv's rows (of ``roles`` only, when given): the one reader of that file; a one-line RunError where the
+    run has none."""
+    path = Path(run_dir) / SPLIT
+    if not path.is_file():
+        raise RunError(f"{display_name(path)}: not found; is {display_name(Path(run_dir))} a finished run folder? (it "
+                       "says which images the run trained on)")
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
+        return [row for row in csv.DictReader(handle) if roles is None or row.get("role") in roles]
+
+
+def audit_folder(run_config: dict, run_dir: Path) -> Path:
+    """Where a run's audit lies: its --audit folder (or that clean_manifest.csv's folder), else the run's own."""
+    given = run_config.get("audit")
+    if given:
+        path = Path(given)
+        return path if path.is_dir() else path.parent
+    return Path(run_dir) / AUDIT_DIR
+
+
+def run_split(run_dir: Path, role: str, image_size: int) -> tuple[list[str], np.ndarray, np.ndarray, Path]:
+    """A finished run's images of one split role (``val``, ``train``) from its split.csv and data.json: names,
+    label indices, images decoded at ``image_size`` as training decoded them, and the data root."""
+    root = Path(read_run_json(Path(run_dir) / DATA).get("root") or ".")
+    rows = read_split(run_dir, (role,))
+    records = [ImageRecord(path=root / row["path"], rel_path=row["path"], label=row["label"]) for row in rows]
+    cache = build_cache(records, size=image_size, workers=min(4, os.cpu_count() or 1))
+    if cache.errors:
+        raise RunError(f"{display_name(run_dir)}: {len(cache.errors)} {role} image(s) no longer readable, e.g. "
+                       f"{next(iter(cache.errors.values()))}")
+    return [row["path"] for row in rows], np.array([int(row["label"]) for row in rows]), cache.images, root
+
+
+def trained_files(run_dir: Path) -> set[str]:
+    """The files a run trained on (split.csv role 'train')."""
+    return {row["path"] for row in read_split(run_dir, ("train",))}

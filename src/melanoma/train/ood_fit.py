@@ -5,7 +5,6 @@ Features are the pooled penultimate features of the training images (no augmenta
 threshold is chosen on the validation images (see :mod:`melanoma.models.ood`)."""
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from melanoma.models.catalog import DEFAULT_DETECTOR
 from melanoma.models.ood import OODGate, fit_gate, save_gate
 from melanoma.models.probabilities import predict_outputs
 from melanoma.runs.checkpoint import file_sha256
-from melanoma.runs.layout import BEST, CHECKPOINT_DIR, METRICS, read_run_json
+from melanoma.runs.layout import BEST, CHECKPOINT_DIR, METRICS, SPLIT, read_run_json, read_split
 from melanoma.runs.run import Run
 
 
@@ -45,11 +44,7 @@ def run_split_images(run: Run, roles: tuple[str, ...] = ("train", "val"),
     from melanoma.data.images import build_cache
     from melanoma.data.sources import load_dataset
 
-    split_path = run.path / "split.csv"
-    if not split_path.is_file():
-        raise RunError(f"{display_name(split_path)}: not found; the run does not say which images it trained on")
-    with open(split_path, newline="", encoding="utf-8") as handle:
-        rows = [row for row in csv.DictReader(handle) if row.get("role") in roles]
+    rows = read_split(run.path, roles)
     config = run.config["config"]
     index = load_dataset(data or config["data"], image_root=None if data else config.get("image_root"))
     # split.csv names each image by its key across sources (newer runs) or by its path within the data
@@ -58,7 +53,7 @@ def run_split_images(run: Run, roles: tuple[str, ...] = ("train", "val"),
     name = "key" if rows and rows[0].get("key") else "path"
     missing = [row[name] for row in rows if row[name] not in by_path]
     if missing:
-        raise RunError(f"{len(missing)} image(s) of {display_name(split_path)} are not in the run's data (first: "
+        raise RunError(f"{len(missing)} image(s) of {display_name(run.path / SPLIT)} are not in the run's data (first: "
                        f"{missing[0]}); pass the data the run was trained on with --data")
     result = {}
     for role in roles:

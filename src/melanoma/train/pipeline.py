@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from melanoma.audit.manifest import manifest_file
 from melanoma.config import TrainConfig, with_epochs
 from melanoma.core.errors import RunError, RunInterrupted
 from melanoma.core.hardware import environment, resolve_precision
@@ -29,7 +30,7 @@ from melanoma.models.networks import Classifier, ModelSpec, build_model
 from melanoma.runs.checkpoint import check_resumable, file_sha256
 from melanoma.runs.folder import prepare_run_dir, promote_staging, run_folder_lock, staging_dir
 from melanoma.runs.guards import check_run_output
-from melanoma.runs.layout import CHECKPOINT_DIR, CONFIG, LAST, read_history, read_run_json
+from melanoma.runs.layout import CHECKPOINT_DIR, CONFIG, DATA, LAST, SPLIT, SPLIT_COLUMNS, read_history, read_run_json
 from melanoma.train.checks import build_spec, resumed_config, validate_config, with_absolute_paths
 from melanoma.train.distributed import is_launch_rank_zero
 from melanoma.train.loop import build_trainer, seed_everything
@@ -133,8 +134,8 @@ def _write_run_header(run_dir: Path, config: TrainConfig, spec: ModelSpec, data:
                           f"{spec.image_size}x{spec.image_size}, as float pixels in [0, 255]",
                           "normalization_inside_model": {"mean": spec.mean, "std": spec.std}},
         "environment": environment(), "command": " ".join(sys.argv), "data_fingerprint": fingerprint})
-    write_json(run_dir / "data.json", data.summary)
-    write_csv(run_dir / "split.csv", data.split_rows, ["path", "label", "role", "source", "key"])
+    write_json(run_dir / DATA, data.summary)
+    write_csv(run_dir / SPLIT, data.split_rows, list(SPLIT_COLUMNS))
     (run_dir / CHECKPOINT_DIR).mkdir(exist_ok=True)
 
 
@@ -157,7 +158,7 @@ def data_fingerprint(config: TrainConfig) -> str:
     entries = sorted((record.rel_path, record.label, record.split, _content_hash(record.path))
                      for record in index.records)
     digest = hashlib.sha256(json.dumps(entries).encode("utf-8", errors="surrogateescape"))
-    extra = [Path(config.audit) / "clean_manifest.csv" if Path(config.audit).is_dir() else Path(config.audit)] \
+    extra = [manifest_file(config.audit)] \
         if config.audit else []
     for path in [*extra, *(Path(p) for p in config.truth or [])]:
         if path.is_file():

@@ -3,20 +3,26 @@ split Train into train/validation (stratified, never splitting a lesion or a cop
 decode the held-out Test split."""
 from __future__ import annotations
 
-import csv
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from melanoma.audit.manifest import Selection, select_heldout, select_training_pool, select_validation
+from melanoma.audit.manifest import (
+    Selection,
+    read_clean_manifest,
+    select_heldout,
+    select_training_pool,
+    select_validation,
+)
 from melanoma.config import TrainConfig, resolve_image_size, split_seed
 from melanoma.core.errors import DataError, RunError
 from melanoma.core.text import display_name
 from melanoma.data.images import build_cache
 from melanoma.data.records import DatasetIndex
 from melanoma.data.sources import load_dataset
+from melanoma.runs.layout import AUDIT_DIR
 from melanoma.train.balance import Balance, class_counts, expand, parse_balance
 from melanoma.train.splits import grouped_stratified_split, random_split
 
@@ -44,22 +50,12 @@ def load_clean_manifest(config: TrainConfig, index: DatasetIndex, run_dir: Path 
     Even with --no-clean the audit is used, to mark which Test images leaked into Train ("clean" Test scores).
     """
     if config.audit:
-        path = Path(config.audit)
-        path = path / "clean_manifest.csv" if path.is_dir() else path
-        if not path.is_file():
-            raise DataError(f"{display_name(path)}: no clean_manifest.csv there; run `melanoma audit` first")
-        # written with surrogateescape (melanoma.core.io), so a file name that is not UTF-8 reads back as it was
-        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
-            return list(csv.DictReader(handle))
-    from melanoma.audit.audit import AuditConfig, run_audit
-    from melanoma.audit.report import write_audit
+        return read_clean_manifest(config.audit)
+    from melanoma.audit.report import audit_now
     from melanoma.data.truth import load_ground_truth
 
     truth = load_ground_truth(config.truth) if config.truth else None
-    result = run_audit(index, truth, AuditConfig())
-    if run_dir is not None:
-        write_audit(result, index, run_dir / "audit")
-    return result.manifest
+    return audit_now(index, truth, None if run_dir is None else run_dir / AUDIT_DIR)
 
 
 def prepare_data(config: TrainConfig, run_dir: Path | None = None, log=print) -> PreparedData:

@@ -23,7 +23,7 @@ from melanoma.core.plots import training_curves_figure
 from melanoma.data.records import ERAS, MELANOMA, acquisition_era, melanoma_notice
 from melanoma.models.probabilities import apply_temperature, predict_probabilities
 from melanoma.runs.checkpoint import load_checkpoint, model_from_checkpoint
-from melanoma.runs.layout import BEST, CHECKPOINT_DIR, METRICS, audit_folder
+from melanoma.runs.layout import BEST, CHECKPOINT_DIR, CURVES, METRICS, RELIABILITY, TEST_PREDICTIONS, audit_folder
 from melanoma.train.ood_fit import fit_after_training
 from melanoma.train.prepare import PreparedData
 
@@ -122,7 +122,7 @@ def finish_run(run_dir: Path, data: PreparedData, config: TrainConfig, history: 
                 scores["ci"] = bootstrap_ci(data.test_labels[mask], test_probs[mask], data.classes, threshold,
                                             resamples=config.bootstrap, seed=config.seed)
             metrics["test"][subset] = scores
-        write_csv(run_dir / "test_predictions.csv", _prediction_rows(data, test_probs),
+        write_csv(run_dir / TEST_PREDICTIONS, _prediction_rows(data, test_probs),
                   ["image", "label", "predicted", "leaked", *data.classes])
     metrics["subgroups"] = training_subgroups(config, data, val_probs, test_probs if len(data.test_labels) else None,
                                               threshold, log)
@@ -130,7 +130,7 @@ def finish_run(run_dir: Path, data: PreparedData, config: TrainConfig, history: 
     write_json(run_dir / METRICS, metrics)
     if history:
         save_figure(training_curves_figure(history, title=f"{config.model} ({config.protocol}, {config.balance})"),
-                    run_dir / "curves.png")
+                    run_dir / CURVES)
     write_run_report(run_dir)
     write_model_card(run_dir)
     _log_metrics(metrics, log)
@@ -176,7 +176,7 @@ def _calibrate(run_dir: Path, val_probs: np.ndarray, val_labels: np.ndarray) -> 
     """Temperature scaling on validation, with its before/after measures and a reliability diagram."""
     temperature = fit_temperature(val_probs, val_labels)
     after = apply_temperature(val_probs, temperature)
-    save_figure(reliability_figure(val_probs, after, val_labels, temperature), run_dir / "reliability.png")
+    save_figure(reliability_figure(val_probs, after, val_labels, temperature), run_dir / RELIABILITY)
     return {"temperature": temperature, "fitted_on": "validation",
             "validation_before": calibration_summary(val_probs, val_labels),
             "validation_after": calibration_summary(after, val_labels)}

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from melanoma.config import TrainConfig
 from melanoma.core.io import atomic_write_text, read_json, save_figure, write_json
+from melanoma.runs.layout import CHECKPOINT_DIR, LAST, METRICS
 from melanoma.train.pipeline import train
 
 
@@ -48,13 +49,13 @@ def _never_started(out: Path, experiment: SeedExperiment, protocol: str) -> bool
     """A run folder left by a start that died before its first checkpoint holds nothing worth keeping."""
     run_dir = out / f"{experiment.name}-{protocol}"
     return run_dir.exists() and not (run_dir / "checkpoints" / "last.ckpt").is_file() \
-        and not (run_dir / "metrics.json").is_file()
+        and not (run_dir / METRICS).is_file()
 
 
 def _unfinished(out: Path, experiment: SeedExperiment, protocol: str) -> bool:
     """A run that started but did not finish (killed, say) continues from its last checkpoint."""
     run_dir = out / f"{experiment.name}-{protocol}"
-    return (run_dir / "checkpoints" / "last.ckpt").is_file() and not (run_dir / "metrics.json").is_file()
+    return (run_dir / CHECKPOINT_DIR / LAST).is_file() and not (run_dir / METRICS).is_file()
 
 
 def run_seed_study(base: TrainConfig, out: str | Path, epochs: int | None = None,
@@ -68,7 +69,7 @@ def run_seed_study(base: TrainConfig, out: str | Path, epochs: int | None = None
         for protocol in PROTOCOLS:
             config = experiment_config(base, experiment, protocol, out, epochs)
             run_dir = Path(config.out)
-            if (run_dir / "metrics.json").is_file() and not base.overwrite:
+            if (run_dir / METRICS).is_file() and not base.overwrite:
                 log(f"== {experiment.name} ({protocol}): already done, reusing {run_dir}")
             else:
                 log(f"== {experiment.name} ({protocol}): {config.model}, preset {config.preset}, "
@@ -85,7 +86,7 @@ def run_seed_study(base: TrainConfig, out: str | Path, epochs: int | None = None
 
 
 def _row(experiment: SeedExperiment, protocol: str, run_dir: Path) -> dict:
-    metrics = read_json(run_dir / "metrics.json")
+    metrics = read_json(run_dir / METRICS)
     history = metrics.get("final_epoch", {})
     test_all, test_clean = metrics["test"]["all"], metrics["test"]["clean"]
     return {"experiment": experiment.name, "protocol": protocol, "model": experiment.model,

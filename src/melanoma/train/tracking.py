@@ -22,13 +22,13 @@ from urllib.parse import urlsplit
 from melanoma.config import choices_of
 from melanoma.core.errors import RunError
 from melanoma.core.io import write_json
-from melanoma.runs.layout import read_run_json
+from melanoma.runs.layout import CONFUSION, CURVES, REPORT, read_run_json
 
 LOGGERS = choices_of("logger")
 TENSORBOARD_DIR = "tensorboard"
 TRACKING_FILE = "tracking.json"
 EXPERIMENT = "melanoma"
-ARTIFACTS = ("report.html", "curves.png", "confusion.png")
+ARTIFACTS = (REPORT, CURVES, CONFUSION)
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
 _DATABASES = ("sqlite", "postgresql", "mysql", "mssql")
 _SERVERS = ("http", "https", "databricks", "databricks-uc", "uc")
