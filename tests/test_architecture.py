@@ -152,3 +152,14 @@ def test_no_module_is_over_500_lines():
     long = {str(path.relative_to(PACKAGE)): n for path in PACKAGE.rglob("*.py")
             if (n := len(path.read_text().splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def test_the_tests_mirror_the_packages():
+    """tests/<stage>/ for each stage's own tests, tests/e2e/ for what drives the CLI, a server or a browser; only the
+    package's shape (architecture, packaging, lint) and the benchmarks' checks sit at the top."""
+    tests = REPO / "tests"
+    folders = {path.name for path in tests.iterdir() if path.is_dir() and any(path.glob("test_*.py"))}
+    packages = {package for layer in LAYERS for package in layer} - {"config", "cli"}
+    assert folders <= packages | {"e2e"}, folders - packages
+    assert {path.name for path in tests.glob("test_*.py")} <= {"test_architecture.py", "test_packaging.py",
+                                                               "test_lint.py", "test_benchmarks.py"}

@@ -100,7 +100,7 @@ CI_METRICS = ("balanced_accuracy", "macro_f1", "melanoma_auc", "melanoma_sensiti
 def headline(labels: np.ndarray, probabilities: np.ndarray, classes: Sequence[str],
              threshold: float | None) -> dict[str, float | None]:
     """The few numbers reported with confidence intervals, in plain numpy (fast enough for 1,000 resamples);
-    ``tests/test_evaluation.py`` checks them against scikit-learn."""
+    ``tests/assess/test_evaluation.py`` checks them against scikit-learn."""
     labels = np.asarray(labels)
     k = len(classes)
     predicted = probabilities.argmax(axis=1)

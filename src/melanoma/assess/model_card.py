@@ -3,8 +3,8 @@ metrics' values, then sections: model details, intended and out-of-scope use, tr
 evaluation data, metrics with intervals, the per-subgroup table, out-of-distribution behaviour, limitations).
 
 Every number is read from the run's own files (metrics.json, data.json, config.json) when the card is written, never
-typed in; ``tests/test_model_card.py`` checks the card against metrics.json. Written at the end of training and by
-``melanoma report``.
+typed in; ``tests/assess/test_model_card.py`` checks the card against metrics.json. Written at the end of training and
+by ``melanoma report``.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ The near-copy distance is ``1 - min(structure, detail)`` after aligning the two 
 other pictures on the shared data: the farthest real copy lies at 0.21, the closest other photo of a lesion at 0.26
 and the closest different lesion at 0.34, and 99.1 % of synthetic copies (crops, squashes, colour shifts,
 re-encodes of 300 real images) fall within it, against 34 % for the 256-bit pHash used before (docs/audit.md has the
-table; ``tests/test_audit_realdata.py`` checks that no flagged pair is two different lesions).
+table; ``tests/audit/test_audit_realdata.py`` checks that no flagged pair is two different lesions).
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ angle and one crop for every image. Here each image gets its own, drawn the way 
 ColorJitter's random order per image), and each step is torchvision's own arithmetic on the batch: the same inverse
 affine matrices and sampling grids, ``grid_sample`` with the same zero fill, the same colour blends and the same
 rounding to whole uint8 levels between steps. An image given the same parameters comes out as the per-image pipeline
-makes it, within one level (tests/test_augment.py checks this, and the distributions of the parameters).
+makes it, within one level (tests/train/test_augment.py checks this, and the distributions of the parameters).
 
 The rendering steps (``--rendering``: white balance, gamma, downscale, JPEG, back up; first, as in the loader path)
 run per image on the CPU through the loader path's own :func:`melanoma.data.transforms.render` (JPEG is coded one image
@@ -35,7 +35,7 @@ from melanoma.data.transforms import Augmentation, augmentation, render, with_re
 AUGMENT_ON = choices_of("augment_on")
 # Where --augment-on auto augments on a CPU. On a busy 2-core EPYC (docs/benchmarks.md) the device path measured 5 %
 # faster with one thread and 1.8x with two (many small per-image ops suffer most from other work on the cores); the
-# default stays 'loader' until the kill-and-resume test of tests/test_training.py, which hooks the per-image
+# default stays 'loader' until the kill-and-resume test of tests/train/test_training.py, which hooks the per-image
 # transform, names its path.
 CPU_DEFAULT = "loader"
 

@@ -275,7 +275,7 @@ def _progress_bar():
 
         def on_train_epoch_start(self, trainer, *_):
             # Lightning's own method, with our description: calling it and then renaming would print 'Epoch 0'
-            # into logs first (pinned lightning; tests/test_training.py checks the output)
+            # into logs first (pinned lightning; tests/train/test_training.py checks the output)
             if self._leave:
                 self.train_progress_bar = self.init_train_tqdm()
             self.train_progress_bar.reset()

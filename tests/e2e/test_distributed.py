@@ -103,7 +103,7 @@ def test_bad_predict_flags_are_refused(tmp_path, capsys, flags, message):
 # A real DDP run: 2 CPU processes, gloo
 
 
-HELPER = Path(__file__).parent / "helpers" / "ddp_train.py"
+HELPER = Path(__file__).parents[1] / "helpers" / "ddp_train.py"
 DDP_FLAGS = ["--model", "seed-cnn", "--image-size", "32", "--batch-size", "4", "--threads", "1", "--preset", "seed",
              "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--precision", "32-true",
              "--no-progress", "--seed", "5"]
