@@ -160,3 +160,13 @@ def test_bad_metadata_is_one_line_naming_the_file(trained, tmp_path, capsys):
                      str(missing), "--out", str(tmp_path / "run")]) == 2
     assert "missing.csv: --metadata file not found" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_acquisition_eras_keep_their_historical_order_whatever_their_counts():
+    """The eras read in time order (melanoma.data.records.ERAS), not by size: the package move once made this order
+    silently empty, and the metrics diff of the README main job caught it."""
+    from melanoma.assess.subgroups import ordered_groups
+    from melanoma.data.records import ERAS
+
+    per_image = np.array(["later"] * 2 + ["HAM10000"] * 9 + ["2016-17 archive"] * 4 + ["unknown"])
+    assert ordered_groups("acquisition era", per_image) == [*ERAS, "unknown"]

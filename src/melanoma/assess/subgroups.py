@@ -159,11 +159,10 @@ def image_groups(names: Sequence[str], sources: Sequence[str], metadata: Metadat
 
 
 def ordered_groups(attribute: str, per_image: np.ndarray) -> list[str]:
-    from melanoma.data import images as data
+    from melanoma.data.records import ERAS
 
     present = set(per_image.tolist()) - {UNKNOWN}
-    fixed = {"age band": AGE_BANDS, "Fitzpatrick type": FITZPATRICK_BANDS,
-             "acquisition era": tuple(getattr(data, "ERAS", ()))}.get(attribute, ())
+    fixed = {"age band": AGE_BANDS, "Fitzpatrick type": FITZPATRICK_BANDS, "acquisition era": ERAS}.get(attribute, ())
     counts = {name: int((per_image == name).sum()) for name in present}
     order = [name for name in fixed if name in present]
     order += sorted(present - set(order), key=lambda name: (-counts[name], name))
