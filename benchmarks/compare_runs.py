@@ -3,10 +3,11 @@ item 3).
 
 Both runs score the same images: their common validation split (they must have been trained with the same split:
 same data, audit and --split-seed) and the external set (by default ../shared/data/external-dev, never trained,
-calibrated or thresholded on). For all validation images, each acquisition era (melanoma.data.records.ERAS) and the
-external set it prints each run's melanoma AUC, B minus A, and the 95 % interval of that difference from the same
-resamples for both runs (the project's one resampler, melanoma.assess.intervals: within each class). A difference
-counts only when its interval excludes 0 ("outside noise").
+calibrated or thresholded on). For all validation images, each acquisition era (melanoma.data.records.ERAS), each
+block of ISIC ids (melanoma.data.records.ID_BLOCKS, in validation and the external set) and the external set it prints
+each run's melanoma AUC, B minus A, and the 95 % interval of that difference from the same resamples for both runs
+(the project's one resampler, melanoma.assess.intervals: within each class). A difference counts only when its
+interval excludes 0 ("outside noise").
 
 The rule's other signals come from the same paired resamples of images (or copy pairs): validation balanced accuracy,
 top-class agreement between the two files of each picture the audit found in two sources, and the share of
@@ -29,7 +30,7 @@ from melanoma.assess.external import read_external
 from melanoma.assess.intervals import paired_auc_difference, paired_difference
 from melanoma.assess.metrics import compute_metrics
 from melanoma.data.images import build_cache
-from melanoma.data.records import ERAS, MELANOMA, ImageRecord, acquisition_era
+from melanoma.data.records import COLLECTIONS, ERAS, MELANOMA, ImageRecord, acquisition_era, id_block
 from melanoma.runs.layout import audit_folder, run_split
 from melanoma.runs.run import Run
 
@@ -94,14 +95,15 @@ def rerender_alert_difference(a: Validation, b: Validation, resamples: int, seed
     return mean_difference(*changed, a.labels, resamples, seed)
 
 
-def external_scores(run: Run, folder: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The external images' class labels and the run's p(melanoma) for each."""
+def external_scores(run: Run, folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The external images' class labels, the run's p(melanoma) for each, and each one's block of ISIC ids."""
     records = read_external(folder, run.classes)
     cache = build_cache(records, size=run.image_size)
     if cache.errors:
         raise SystemExit(f"unreadable external images: {'; '.join(cache.errors.values())}")
     return (np.array([run.classes.index(r.label) for r in records]),
-            run.probabilities(cache.images)[:, run.classes.index(MELANOMA)])
+            run.probabilities(cache.images)[:, run.classes.index(MELANOMA)],
+            np.array([id_block(r.image_id or r.rel_path) for r in records]))
 
 
 def compare(run_a: Path, run_b: Path, external: Path | None, resamples: int, seed: int = 0,
@@ -112,15 +114,21 @@ def compare(run_a: Path, run_b: Path, external: Path | None, resamples: int, see
                          "images (train both with the same data, audit and --split-seed)")
     is_melanoma = a.labels == a.melanoma
     eras = np.array([acquisition_era(name) for name in a.names])
+    blocks = np.array([id_block(name) for name in a.names])
     parts = {"validation": np.ones(len(a.names), dtype=bool)} | {f"validation, {era}": eras == era for era in ERAS
-                                                                  if (eras == era).any()}
+                                                                  if (eras == era).any()} \
+        | {f"validation, ids {block}": blocks == block for block in COLLECTIONS if (blocks == block).any()}
     result = {name: paired_auc_difference(a.labels[mask], is_melanoma[mask], a.probs[mask, a.melanoma],
                                           b.probs[mask, b.melanoma], resamples, seed)
               for name, mask in parts.items()}
     if external is not None:
-        labels, ext_a = external_scores(a.run, external)
-        _, ext_b = external_scores(b.run, external)
+        labels, ext_a, ext_blocks = external_scores(a.run, external)
+        _, ext_b, _ = external_scores(b.run, external)
         result["external"] = paired_auc_difference(labels, labels == a.melanoma, ext_a, ext_b, resamples, seed)
+        for block in (block for block in COLLECTIONS if (ext_blocks == block).any()):
+            mask = ext_blocks == block
+            result[f"external, ids {block}"] = paired_auc_difference(labels[mask], labels[mask] == a.melanoma,
+                                                                     ext_a[mask], ext_b[mask], resamples, seed)
     if rule_signals:
         result["balanced accuracy, validation"] = balanced_accuracy_difference(a, b, resamples, seed)
         result["copy agreement"] = copy_agreement_difference(a, b, resamples, seed)

@@ -10,7 +10,7 @@ from conftest import lesion_image, save_image
 from PIL import Image
 
 from melanoma.assess.consistency import STRESS_NAMES, copy_consistency, copy_pairs, stress_consistency, stressed
-from melanoma.assess.external import external_validation, read_external
+from melanoma.assess.external import external_summary, external_validation, read_external
 from melanoma.assess.intervals import paired_auc_difference
 from melanoma.core.errors import DataError
 from melanoma.data.records import ERAS, acquisition_era
@@ -190,3 +190,28 @@ def test_a_bad_external_folder_stops_training_before_anything_is_written(tmp_pat
     with pytest.raises(DataError, match="labels.csv: not found"):
         train_tiny_run(tmp_path, external=str(_external(tmp_path, None)))
     assert not (tmp_path / "run").exists()
+
+
+def test_external_validation_reports_each_block_of_isic_ids(tmp_path):
+    """The wide-field ISIC_0012000-0015999 images apart from the early archive's, each with n, melanomas and its
+    own AUC interval; a block the scores separate perfectly and one they invert are told apart."""
+    early = [f"melanoma/ISIC_000000{i}" for i in range(3)] + [f"nevus/ISIC_000001{i}" for i in range(3)]
+    wide = [f"melanoma/ISIC_001300{i}" for i in range(3)] + [f"nevus/ISIC_001301{i}" for i in range(3)]
+    folder = _external(tmp_path, "image_id,class\n" + "".join(f"{f.split('/')[1]},{f.split('/')[0]}\n"
+                                                              for f in early + wide), early + wide)
+    for name in wide:  # in the wide-field block the melanomas are the light ones: the dark-means-melanoma rule fails
+        save_image(folder / f"{name}.jpg", np.full((20, 20, 3), 200 if "melanoma" in name else 40, np.uint8))
+
+    def darkness(images: np.ndarray) -> np.ndarray:
+        p = 1 - images.mean(axis=(1, 2, 3)) / 255
+        return np.stack([p, 1 - p], axis=1)
+
+    result = external_validation(folder, darkness, CLASSES, 16, threshold=0.5, resamples=50)
+    blocks = result["by_collection"]
+    assert list(blocks) == ["ISIC_0000000-0011999", "ISIC_0012000-0015999"]
+    assert {name: (b["n"], b["melanomas"]) for name, b in blocks.items()} == {
+        "ISIC_0000000-0011999": (6, 3), "ISIC_0012000-0015999": (6, 3)}
+    assert blocks["ISIC_0000000-0011999"]["melanoma_auc"]["value"] == 1.0
+    assert blocks["ISIC_0012000-0015999"]["melanoma_auc"]["value"] == 0.0
+    assert blocks["ISIC_0012000-0015999"]["melanoma_auc"]["high"] == 0.0  # an interval of its own
+    assert "external, ids ISIC_0012000-0015999 (n=6, 3 melanomas): melanoma AUC 0.000" in external_summary(result)

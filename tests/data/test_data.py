@@ -215,3 +215,15 @@ def test_real_dataset_decodes_into_raw_sized_memory():
     cache = build_cache(index.records, size=180)
     assert len(index.records) == 2359 and not cache.errors
     assert cache.nbytes == 2359 * 180 * 180 * 3
+
+
+@pytest.mark.parametrize("name, block", [
+    ("ISIC_0000000.jpg", "ISIC_0000000-0011999"), ("Train/melanoma/ISIC_0011999.jpg", "ISIC_0000000-0011999"),
+    ("ISIC_0012000.jpg", "ISIC_0012000-0015999"), ("ISIC_0015999_downsampled.jpg", "ISIC_0012000-0015999"),
+    ("ISIC_0016000.png", "ISIC_0016000-0024305"), ("ISIC_0024306.jpg", "ISIC_0024306-0034320"),
+    ("ISIC_0034320.jpg", "ISIC_0024306-0034320"), ("ISIC_0034321.jpg", "ISIC_0034321 and later"),
+    ("ISIC_9999999.jpg", "ISIC_0034321 and later"), ("clinic/lesion-7.jpg", "no ISIC id")])
+def test_each_image_falls_in_one_block_of_isic_ids(name, block):
+    from melanoma.data.records import COLLECTIONS, id_block
+
+    assert id_block(name) == block and block in COLLECTIONS

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -266,3 +267,25 @@ def test_a_log_file_gets_one_line_per_epoch_not_bar_redraws(tiny, tmp_path, caps
     lines = [line for line in err.splitlines() if line.startswith("epoch ")]
     assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
     assert "val loss" in lines[0]
+
+
+def test_validation_is_reported_per_block_of_isic_ids_with_intervals():
+    from melanoma.train.scoring import validation_by_collection
+
+    names = [f"Train/melanoma/ISIC_00{n:05d}.jpg" for n in (100, 200, 300, 12_100, 12_200, 12_300)] \
+        + [f"Train/nevus/ISIC_00{n:05d}.jpg" for n in (400, 500, 600, 13_100, 13_200, 13_300)]
+    labels = np.array([0] * 6 + [1] * 6)
+    data = SimpleNamespace(classes=["melanoma", "nevus"], val_labels=labels,
+                           split_rows=[{"path": name, "role": "val"} for name in names])
+    probs = np.where(labels[:, None] == 0, [0.9, 0.1], [0.2, 0.8])  # right everywhere ...
+    probs[[3, 4, 5]] = [0.1, 0.9]                                   # ... but for the wide-field melanomas
+    parts = validation_by_collection(data, probs, threshold=0.5, resamples=20)
+    assert list(parts) == ["ISIC_0000000-0011999", "ISIC_0012000-0015999"]
+    early, wide = parts["ISIC_0000000-0011999"], parts["ISIC_0012000-0015999"]
+    assert (early["n"], wide["n"]) == (6, 6)
+    assert early["melanoma"]["sensitivity"] == 1.0 and wide["melanoma"]["sensitivity"] == 0.0
+    assert wide["ci"]["melanoma_sensitivity"]["high"] == 0.0
+    early_only = [0, 1, 2, 6, 7, 8]
+    one_block = SimpleNamespace(classes=data.classes, val_labels=labels[early_only],
+                                split_rows=[data.split_rows[i] for i in early_only])
+    assert validation_by_collection(one_block, probs[early_only], 0.5) == {}  # one block: nothing to compare

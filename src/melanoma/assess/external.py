@@ -15,7 +15,7 @@ from melanoma.assess.metrics import compute_metrics
 from melanoma.core.errors import DataError
 from melanoma.core.text import display_name
 from melanoma.data.images import build_cache
-from melanoma.data.records import IMAGE_SUFFIXES, MELANOMA, ImageRecord
+from melanoma.data.records import COLLECTIONS, IMAGE_SUFFIXES, MELANOMA, ImageRecord, id_block
 
 LABELS_FILE = "labels.csv"
 NEVUS = "nevus"
@@ -92,6 +92,12 @@ def external_validation(folder: str | Path, predict: Callable[[np.ndarray], np.n
     if MELANOMA in classes:
         m = list(classes).index(MELANOMA)
         is_melanoma = labels == m
+        blocks = np.array([id_block(records[i].image_id or records[i].rel_path) for i in ok])
+        result["by_collection"] = {
+            block: {"n": int((blocks == block).sum()), "melanomas": int(is_melanoma[blocks == block].sum()),
+                    "melanoma_auc": auc_interval(labels[blocks == block], is_melanoma[blocks == block],
+                                                 probs[blocks == block, m], resamples, seed)}
+            for block in COLLECTIONS if (blocks == block).any()}
         # the same resamples (within each class) as ci.melanoma_auc: one interval for one number
         result["melanoma_auc"] = auc_interval(labels, is_melanoma, probs[:, m], resamples, seed)
         result["median_p_melanoma"] = {"melanomas": _median(probs[is_melanoma, m]),
@@ -108,7 +114,7 @@ def _median(values: np.ndarray) -> float | None:
 
 
 def external_summary(result: dict) -> str:
-    """One line for the training log."""
+    """For the training log: one line, then one per collection block of ISIC ids."""
     def interval(part: dict | None) -> str:
         if not part or part.get("value") is None:
             return "n/a"
@@ -118,6 +124,8 @@ def external_summary(result: dict) -> str:
     mel = result.get("melanoma") or {}
     alert = (f", sensitivity {mel['sensitivity']:.2f} / specificity {mel['specificity']:.2f} at the alert"
              if mel.get("sensitivity") is not None and mel.get("specificity") is not None else "")
+    blocks = "".join(f"\n  external, ids {name} (n={part['n']}, {part['melanomas']} melanomas): melanoma AUC "
+                     f"{interval(part['melanoma_auc'])}" for name, part in (result.get("by_collection") or {}).items())
     return (f"external validation ({result['folder']}, n={result['n']}, never trained on): melanoma AUC "
             f"{interval(result.get('melanoma_auc'))}, melanoma vs nevus {interval(result.get('melanoma_vs_nevus_auc'))}"
-            + alert)
+            + alert + blocks)

@@ -169,6 +169,7 @@ def _validation_section(metrics: dict) -> str:
     """Validation over all images, within each acquisition era and within each data source (where the run has
     several)."""
     subsets = {"all": metrics["validation"], **metrics.get("validation_by_era", {}),
+               **{f"ids {name}": m for name, m in metrics.get("validation_by_collection", {}).items()},
                **{f"source: {name}": m for name, m in metrics.get("validation_by_source", {}).items()}}
     rows = []
     for name, m in subsets.items():
@@ -452,6 +453,10 @@ def consistency_html(metrics: dict) -> str:
                     f"<td>{interval(external.get('melanoma_auc'))}</td>"
                     f"<td>{interval(external.get('melanoma_vs_nevus_auc'))}</td>"
                     f"<td>{interval(ci.get('melanoma_sensitivity'))}</td>"
-                    f"<td>{interval(ci.get('melanoma_specificity'))}</td></tr></tbody></table>"
-                    "<p class='note'>Never trained, calibrated or thresholded on; 95 % bootstrap intervals.</p>")
+                    f"<td>{interval(ci.get('melanoma_specificity'))}</td></tr>"
+                    + "".join(f"<tr><td>ids {escape(name)}</td><td>{part['n']}</td><td>{part['melanomas']}</td>"
+                              f"<td>{interval(part['melanoma_auc'])}</td><td></td><td></td><td></td></tr>"
+                              for name, part in (external.get("by_collection") or {}).items())
+                    + "</tbody></table><p class='note'>Never trained, calibrated or thresholded on; 95 % bootstrap "
+                    "intervals. A row per block of ISIC ids: collections of their own clinic, camera and framing.</p>")
     return section

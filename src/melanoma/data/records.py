@@ -100,6 +100,30 @@ HAM10000_ERA_BELOW = 34_321  # ISIC_0024306-ISIC_0034320: HAM10000 (ViDIR Vienna
 ERAS = ("2016-17 archive", "HAM10000", "later")
 
 
+# Blocks of ISIC ids that are collections of their own (clinic, camera, framing): the early archive; the wide-field
+# MSK-type images of the ISIC 2017 challenge (often a small lesion in a wide dermoscope field, a ruler or a sticker),
+# where the model is weakest; the rest of the archive before HAM10000; HAM10000's lesion-centred crops; the BCN/MSK
+# additions after it. (name, first id of the next block)
+ID_BLOCKS: tuple[tuple[str, int | None], ...] = (
+    ("ISIC_0000000-0011999", 12_000), ("ISIC_0012000-0015999", 16_000), ("ISIC_0016000-0024305", 24_306),
+    ("ISIC_0024306-0034320", 34_321), ("ISIC_0034321 and later", None))
+NO_ISIC_ID = "no ISIC id"
+COLLECTIONS = tuple(name for name, _ in ID_BLOCKS) + (NO_ISIC_ID,)
+
+
+def _isic_number(name: str) -> int | None:
+    digits = image_id_from_name(Path(name).name).removeprefix("ISIC_")[:7]
+    return int(digits) if digits.isdigit() else None
+
+
+def id_block(name: str) -> str:
+    """The collection block (:data:`ID_BLOCKS`) an image belongs to by its ISIC id; :data:`NO_ISIC_ID` without one."""
+    number = _isic_number(name)
+    if number is None:
+        return NO_ISIC_ID
+    return next(block for block, below in ID_BLOCKS if below is None or number < below)
+
+
 def acquisition_era(name: str) -> str:
     """The collection an ISIC image came from, by its id: '2016-17 archive' (ids below 0024306: the archive's
     images of the ISIC 2016 and 2017 challenges), 'HAM10000' (0024306-0034320), else 'later' (the BCN20000 and MSK
@@ -109,8 +133,7 @@ def acquisition_era(name: str) -> str:
     unevenly over them (most nevi are old, most melanomas are not), so the era is a shortcut a model can learn for
     the class; validation within one era shows what is left without it.
     """
-    digits = image_id_from_name(Path(name).name).removeprefix("ISIC_")[:7]
-    if not digits.isdigit():
+    number = _isic_number(name)
+    if number is None:
         return ERAS[-1]
-    number = int(digits)
     return ERAS[0] if number < ARCHIVE_ERA_BELOW else ERAS[1] if number < HAM10000_ERA_BELOW else ERAS[2]

@@ -20,7 +20,7 @@ from melanoma.config import TrainConfig
 from melanoma.core.hardware import evaluation_device
 from melanoma.core.io import save_figure, write_csv, write_json
 from melanoma.core.plots import training_curves_figure
-from melanoma.data.records import ERAS, MELANOMA, acquisition_era, melanoma_notice
+from melanoma.data.records import COLLECTIONS, ERAS, MELANOMA, acquisition_era, id_block, melanoma_notice
 from melanoma.models.probabilities import apply_temperature, predict_probabilities
 from melanoma.runs.checkpoint import load_checkpoint, model_from_checkpoint
 from melanoma.runs.layout import BEST, CHECKPOINT_DIR, CURVES, METRICS, RELIABILITY, TEST_PREDICTIONS, audit_folder
@@ -96,7 +96,9 @@ def finish_run(run_dir: Path, data: PreparedData, config: TrainConfig, history: 
     metrics = {"best_epoch": payload["epoch"], "epochs_run": len(history), "tta": config.tta,
                "final_epoch": history[-1] if history else {}, "alert": alert, "calibration": calibration,
                "validation": compute_metrics(data.val_labels, val_probs, data.classes, threshold)}
-    for key, within in (("validation_by_era", validation_by_era), ("validation_by_source", validation_by_source)):
+    for key, within in (("validation_by_era", validation_by_era),
+                        ("validation_by_collection", validation_by_collection),
+                        ("validation_by_source", validation_by_source)):
         if parts := within(data, val_probs, threshold, resamples=config.bootstrap, seed=config.seed):
             metrics[key] = parts
     if config.bootstrap:
@@ -147,6 +149,15 @@ def validation_by_era(data: PreparedData, val_probs: np.ndarray, threshold: floa
     names = [row["path"] for row in data.split_rows if row["role"] == "val"]
     eras = [acquisition_era(name) for name in names]
     return _within_groups(data, val_probs, threshold, eras, ERAS, resamples, seed)
+
+
+def validation_by_collection(data: PreparedData, val_probs: np.ndarray, threshold: float | None, resamples: int = 0,
+                             seed: int = 0) -> dict:
+    """Validation metrics per block of ISIC ids (melanoma.data.records.ID_BLOCKS), where two or more are present:
+    the wide-field ISIC_0012000-0015999 images, where the model is weakest, apart from HAM10000's crops."""
+    names = [row["path"] for row in data.split_rows if row["role"] == "val"]
+    return _within_groups(data, val_probs, threshold, [id_block(name) for name in names], COLLECTIONS, resamples,
+                          seed)
 
 
 def validation_by_source(data: PreparedData, val_probs: np.ndarray, threshold: float | None, resamples: int = 0,
@@ -202,7 +213,8 @@ def _log_metrics(metrics: dict, log) -> None:
     val = metrics["validation"]
     log(f"best epoch {metrics['best_epoch']}: validation accuracy {val['accuracy']:.3f}, "
         f"balanced accuracy {val['balanced_accuracy']:.3f}")
-    parts = {**metrics.get("validation_by_era", {}), **metrics.get("validation_by_source", {})}
+    parts = {**metrics.get("validation_by_era", {}), **metrics.get("validation_by_collection", {}),
+             **metrics.get("validation_by_source", {})}
     for name, m in parts.items():
         mel = m.get("melanoma", {})
         auc = f"{mel['auc']:.3f}" if mel.get("auc") is not None else "n/a"
