@@ -143,7 +143,7 @@ class TrainConfig:
     input_blur: float | None = option(  # Gaussian sigma (pixels at image_size) inside the model; 0 = off
         "Gaussian blur (sigma in pixels at --image-size) inside the model, the same for every source, so that "
         "sharpness cannot tell data sources apart (0 = off)", parse="float", metavar="SIGMA", range=(0, 10, True, True))
-    preset: str | None = option("augmentation: none, seed or dermoscopy")
+    preset: str | None = option("augmentation: none, seed, dermoscopy or dermoscopy-scale (dermoscopy, zooming out)")
     rendering: bool | None = option(  # random re-rendering (white balance, gamma, downscale + JPEG) before the preset
         "re-render each training image before the preset, as another source might have made the file: per-channel "
         "gain 0.95-1.05, gamma 0.9-1.1, downscale to 0.5-1.0 of the side, JPEG at quality 50-95, back up to its size "

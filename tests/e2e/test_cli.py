@@ -384,3 +384,13 @@ def test_the_range_checks_and_resume_flags_are_read_from_the_same_metadata():
     saved = TrainConfig(data=["A"], out="R")
     assert settings_changed_on_resume(TrainConfig(data=["A"], out="R", clean=False, ema_decay=0.5), saved) \
         == ["--no-clean", "--ema"]
+
+
+def test_the_preset_help_names_every_preset():
+    from dataclasses import fields
+
+    from melanoma.config import option_of
+    from melanoma.data.transforms import PRESETS
+
+    help_text = next(option_of(spec).help for spec in fields(TrainConfig) if spec.name == "preset")
+    assert all(name in help_text for name in PRESETS), help_text

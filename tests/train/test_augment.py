@@ -185,7 +185,7 @@ def test_each_step_is_torchvision_arithmetic_with_the_same_parameters():
         assert (ours - reference).abs().max() <= 1 and (ours == reference).float().mean() > 0.999, adjust.__name__
 
 
-@pytest.mark.parametrize("preset", ["seed", "dermoscopy"])
+@pytest.mark.parametrize("preset", ["seed", "dermoscopy", "dermoscopy-scale"])
 def test_the_whole_preset_matches_torchvision_per_image(preset):
     images, size = _test_images(), 32
     augment = _augment(preset, size)
@@ -448,8 +448,7 @@ def test_rendering_off_leaves_both_paths_as_they_were():
 
 
 def test_the_rendering_flag_reaches_the_config(tmp_path):
-    from melanoma.cli.arguments import build_parser
-    from melanoma.cli.arguments import config_from_args
+    from melanoma.cli.arguments import build_parser, config_from_args
     from melanoma.core.errors import RunError
     from melanoma.train.checks import validate_config
 
@@ -544,3 +543,47 @@ def test_device_augmentation_resumes_exactly_after_a_kill(tmp_path, monkeypatch)
     loader_path = train(TrainConfig(out=str(tmp_path / "loader"), **(settings | {"augment_on": "loader"})),
                         log=lambda *_: None)
     assert read(loader_path)[0][1] != read(reference)[0][1]  # another random stream: the device path really ran
+
+
+# --- zooming out: a lesion smaller than its file shows it -------------------------------------------------------
+
+
+def _disc(side: int, radius: float) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.arange(side) + 0.5, torch.arange(side) + 0.5, indexing="ij")
+    inside = (yy - side / 2) ** 2 + (xx - side / 2) ** 2 <= radius ** 2
+    image = torch.full((3, side, side), 220, dtype=torch.uint8)
+    image[:, inside] = 40
+    return image
+
+
+def _dark_radius(image: torch.Tensor) -> float:
+    """The radius of the dark disc, from its area (dark = below 128 in every channel, the black surround excluded by
+    being outside the bright skin: we count the dark pixels inside the bright region's bounding box)."""
+    bright = (image > 128).all(dim=0)
+    rows, cols = bright.any(dim=1).nonzero(), bright.any(dim=0).nonzero()
+    box = image[:, rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    return float(((box < 128).all(dim=0).sum() / math.pi) ** 0.5)
+
+
+@pytest.mark.parametrize("zoom", [0.5, 0.8])
+def test_zooming_out_draws_the_lesion_at_the_zoomed_size_in_both_paths(zoom):
+    """A disc of radius 16 in a 64 px file, zoomed out by a known factor with no crop, comes out at 16 x zoom in the
+    loader path and in the device path alike, inside a black surround."""
+    spec = Augmentation(zoom=(zoom, zoom), crop=False)
+    image = _disc(64, 16)
+    loader = compose(spec, 64)(image)
+    device = BatchAugment("dermoscopy", 64, spec=spec)(image[None])[0]
+    for view in (loader, device):
+        assert abs(_dark_radius(view) - 16 * zoom) < 1.0
+        assert (view[:, 0, 0] == 0).all() == (zoom < 1)  # the corner is surround, not skin
+    assert (loader.int() - device.int()).abs().float().mean() < 0.5
+
+
+def test_the_scale_preset_shows_lesions_smaller_and_larger_than_the_plain_one():
+    """Over many draws the scale preset's lesion sizes reach below the dermoscopy preset's smallest."""
+    image, draws = _disc(96, 20), 300
+    sizes = {preset: [_dark_radius(view) for view in _augment(preset, 48)(image.expand(draws, -1, -1, -1))]
+             for preset in ("dermoscopy", "dermoscopy-scale")}
+    plain, scaled = torch.tensor(sizes["dermoscopy"]), torch.tensor(sizes["dermoscopy-scale"])
+    assert torch.quantile(scaled, 0.05) < torch.quantile(plain, 0.05) - 1  # radius 9.3 against 11.3 px
+    assert scaled.min() < 0.8 * plain.min() and scaled.max() > plain.max()

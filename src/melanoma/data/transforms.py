@@ -23,7 +23,7 @@ from torchvision.transforms import v2
 
 from melanoma.core.errors import PresetError
 
-PRESETS = ("none", "seed", "dermoscopy")
+PRESETS = ("none", "seed", "dermoscopy", "dermoscopy-scale")
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,11 @@ AUGMENTATIONS: dict[str, Augmentation] = {
     # Lesions have no up or down: every flip and rotation is a valid view; colour varies between dermatoscopes.
     "dermoscopy": Augmentation(hflip=True, vflip=True, degrees=180, crop_scale=(0.6, 1.0), crop_ratio=(0.8, 1.25),
                                jitter=(0.2, 0.2, 0.15, 0.03)),
+    # dermoscopy that also shows a lesion smaller than its file does (issue #31): a zoom out to 0.6-1.0 of the side
+    # within a black surround, as the wide-field dermoscope images show theirs, then crops down to 0.35 of the area
+    # (Perez et al. 2018: affine scale 0.8-1.2, RandomResizedCrop 0.4-1.0). A candidate, not a default (results.md)
+    "dermoscopy-scale": Augmentation(hflip=True, vflip=True, degrees=180, zoom=(0.6, 1.0), crop_scale=(0.35, 1.0),
+                                     crop_ratio=(0.8, 1.25), jitter=(0.2, 0.2, 0.15, 0.03)),
 }
 
 
