@@ -1,7 +1,6 @@
-"""External validation and paired comparisons: scoring a run on a labelled image set it was never trained,
-calibrated or thresholded on (a folder with ``labels.csv`` and ``<class>/<image_id>.jpg``, e.g.
-``../shared/data/external-dev``), bootstrap intervals of melanoma AUC, and the paired bootstrap of two runs' AUC on
-the same images that the recipe rule uses to tell a gain from noise."""
+"""External validation: scoring a run on a labelled image set it was never trained, calibrated or thresholded on (a
+folder with ``labels.csv`` and ``<class>/<image_id>.jpg``, e.g. ``../shared/data/external-dev``), overall and per
+block of ISIC ids, with bootstrap intervals (:mod:`melanoma.assess.intervals`)."""
 from __future__ import annotations
 
 import csv
@@ -93,13 +92,15 @@ def external_validation(folder: str | Path, predict: Callable[[np.ndarray], np.n
         m = list(classes).index(MELANOMA)
         is_melanoma = labels == m
         blocks = np.array([id_block(records[i].image_id or records[i].rel_path) for i in ok])
-        result["by_collection"] = {
-            block: {"n": int((blocks == block).sum()), "melanomas": int(is_melanoma[blocks == block].sum()),
-                    "melanoma_auc": auc_interval(labels[blocks == block], is_melanoma[blocks == block],
-                                                 probs[blocks == block, m], resamples, seed)}
-            for block in COLLECTIONS if (blocks == block).any()}
-        # the same resamples (within each class) as ci.melanoma_auc: one interval for one number
-        result["melanoma_auc"] = auc_interval(labels, is_melanoma, probs[:, m], resamples, seed)
+        result["by_collection"] = {}
+        for block in (block for block in COLLECTIONS if (blocks == block).any()):
+            inside = blocks == block
+            result["by_collection"][block] = {
+                "n": int(inside.sum()), "melanomas": int(is_melanoma[inside].sum()),
+                "melanoma_auc": auc_interval(labels[inside], is_melanoma[inside], probs[inside, m], resamples, seed)}
+        # one interval for one number: the headline bootstrap's (the same resamples within each class), not drawn again
+        result["melanoma_auc"] = auc_interval(labels, is_melanoma, probs[:, m], 0) \
+            | {key: result["ci"]["melanoma_auc"][key] for key in ("low", "high") if resamples}
         result["median_p_melanoma"] = {"melanomas": _median(probs[is_melanoma, m]),
                                        "others": _median(probs[~is_melanoma, m])}
         if NEVUS in classes:

@@ -41,7 +41,7 @@ def training_subgroups(config, data, val_probs: np.ndarray, test_probs: np.ndarr
     started = time.perf_counter()
     try:
         index = load_dataset(config.data, image_root=getattr(config, "image_root", None))
-        val_rows = [row for row in data.split_rows if row["role"] == "val"]
+        val_rows = _validation_rows(data)
         splits = {"validation": ([row["path"] for row in val_rows], [row.get("source", "") for row in val_rows],
                                  data.val_labels, val_probs)}
         if test_probs is not None and len(data.test_labels):
@@ -146,8 +146,7 @@ def validation_by_era(data: PreparedData, val_probs: np.ndarray, threshold: floa
 
     A score over all validation images rewards telling the eras apart, which here also tells most nevi from most
     melanomas; within one era that shortcut is no use, so these are the figures to watch for new images."""
-    names = [row["path"] for row in data.split_rows if row["role"] == "val"]
-    eras = [acquisition_era(name) for name in names]
+    eras = [acquisition_era(row["path"]) for row in _validation_rows(data)]
     return _within_groups(data, val_probs, threshold, eras, ERAS, resamples, seed)
 
 
@@ -155,16 +154,20 @@ def validation_by_collection(data: PreparedData, val_probs: np.ndarray, threshol
                              seed: int = 0) -> dict:
     """Validation metrics per block of ISIC ids (melanoma.data.records.ID_BLOCKS), where two or more are present:
     the wide-field ISIC_0012000-0015999 images, where the model is weakest, apart from HAM10000's crops."""
-    names = [row["path"] for row in data.split_rows if row["role"] == "val"]
-    return _within_groups(data, val_probs, threshold, [id_block(name) for name in names], COLLECTIONS, resamples,
-                          seed)
+    blocks = [id_block(row["path"]) for row in _validation_rows(data)]
+    return _within_groups(data, val_probs, threshold, blocks, COLLECTIONS, resamples, seed)
 
 
 def validation_by_source(data: PreparedData, val_probs: np.ndarray, threshold: float | None, resamples: int = 0,
                          seed: int = 0) -> dict:
     """Validation metrics per data source, where the validation split holds images of several sources."""
-    sources = [row.get("source", "") for row in data.split_rows if row["role"] == "val"]
+    sources = [row.get("source", "") for row in _validation_rows(data)]
     return _within_groups(data, val_probs, threshold, sources, sorted(set(sources)), resamples, seed)
+
+
+def _validation_rows(data: PreparedData) -> list[dict]:
+    """split.csv's validation rows, in the order of ``data.val_labels``."""
+    return [row for row in data.split_rows if row["role"] == "val"]
 
 
 def _within_groups(data: PreparedData, val_probs: np.ndarray, threshold: float | None, groups: list[str],
